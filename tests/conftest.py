@@ -1,0 +1,58 @@
+"""Shared test setup: quiet TensorFlow, two logical CPUs, real CIFAR-10.
+
+The CPU is split into two logical devices before TensorFlow starts, so that
+MirroredStrategy can run with two replicas as it would on two GPUs.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def shared_dir() -> pathlib.Path:
+  """The shared folder that holds data/cifar10 (TF_ADARTS_SHARED or
+  ../shared beside the repository)."""
+  configured = os.environ.get("TF_ADARTS_SHARED")
+  return pathlib.Path(configured) if configured else REPO_ROOT.parent / "shared"
+
+
+def cifar10_dir() -> pathlib.Path:
+  return shared_dir() / "data" / "cifar10"
+
+
+def load_cifar10_images(split="train", count=512, seed=0):
+  """Read `count` real CIFAR-10 JPEGs, balanced over classes.
+
+  Returns:
+    (images float32 [count, 32, 32, 3] scaled to [0, 1], labels int32).
+  """
+  root = cifar10_dir() / split
+  if not root.is_dir():
+    pytest.fail(f"CIFAR-10 images not found at {root}; set TF_ADARTS_SHARED "
+                "to the folder that holds data/cifar10.")
+  classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+  per_class = -(-count // len(classes))
+  rng = np.random.default_rng(seed)
+  files, labels = [], []
+  for label, name in enumerate(classes):
+    names = sorted((root / name).glob("*.jpg"))
+    chosen = rng.choice(len(names), size=per_class, replace=False)
+    files.extend(str(names[i]) for i in sorted(chosen))
+    labels.extend([label] * per_class)
+
+  order = rng.permutation(len(files))[:count]
+  images = np.stack([
+      tf.io.decode_jpeg(tf.io.read_file(files[i]), channels=3).numpy()
+      for i in order]).astype(np.float32) / 255.0
+  return images, np.asarray([labels[i] for i in order], np.int32)

@@ -1,0 +1,213 @@
+"""Mixed operations: the weighted sum of every candidate on an edge.
+
+A `MixedOp` serves all edges that leave one node of a cell (1 to 4 edges
+with 4 intermediate nodes). They share their input, so the candidates that
+depend only on the input (pools, identity, stateless activations) are
+computed once for all of them, and each per-edge weight lives in a
+channel block of one edge-batched layer (see `operations`). The layer does
+not own the architecture weights: the caller passes their softmax in, so the
+search network can keep alpha and beta as distinct variable groups.
+
+For edge e with operator weights a = softmax(alpha_e) and activation weights
+b = softmax(beta_e):
+
+- factorized: sigma(x) = sum_k b[k] * act_k(x), computed once per edge and
+  shared by the parametric operators; f(x) = sum_o a[o] * o(sigma(x)) over
+  parametric o plus sum_o a[o] * o(x) over the others;
+- non-factorized: f(x) = sum_o a[o] * o(x) over the non-parametric operators
+  plus sum_(p,k) a[p,k] * p(act_k(x)) over every (operator, activation) pair;
+- fixed: sigma(x) = act(x) for the one fixed activation.
+
+The zero operator (`none`) contributes nothing and is never computed.
+
+Partial channels (PC-DARTS, K > 1): only the first channels / K channels go
+through the mixed operation; the rest bypass it (max-pooled 2x2 at stride 2),
+the two parts are concatenated and the channels shuffled in K groups.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_adarts import search_space as search_space_lib
+
+
+def channel_shuffle(x, groups):
+  """Shuffle the last axis of x in `groups` groups (PC-DARTS).
+
+  Channel g * (c / groups) + i of the input becomes channel i * groups + g.
+  """
+  inner = list(x.shape[1:-1])
+  channels = x.shape[-1]
+  y = tf.reshape(x, [-1] + inner + [groups, channels // groups])
+  rank = len(inner) + 3
+  y = tf.transpose(y, list(range(rank - 2)) + [rank - 1, rank - 2])
+  return tf.reshape(y, [-1] + inner + [channels])
+
+
+class MixedOp(keras.layers.Layer):
+  """Mixed operations of the edges leaving one node.
+
+  Args:
+    space: the `SearchSpace`.
+    channels: channels of the node output and of each edge output.
+    stride: 1, or 2 for edges that leave a reduction cell's inputs.
+    num_edges: number of edges served.
+    partial_channels: K of PC-DARTS; 1 sends every channel through.
+    affine: learn scale and offset in the batch norms (False in the search
+      network, as in DARTS).
+    pool_batch_norm: batch norm after the pools (True in the search network).
+
+  Call arguments:
+    x: the node output, [batch, height, width, channels].
+    op_weights: softmax of the alpha rows of the served edges,
+      [num_edges, space.num_alpha_columns].
+    activation_weights: softmax of the beta rows,
+      [num_edges, space.num_beta_columns]; factorized spaces only.
+
+  Returns:
+    [batch, height / stride, width / stride, num_edges, channels]: the output
+    of each edge.
+  """
+
+  def __init__(self, space, channels, stride=1, num_edges=1,
+               partial_channels=1, affine=False, pool_batch_norm=True,
+               **kwargs):
+    super().__init__(**kwargs)
+    if channels % partial_channels:
+      raise ValueError(
+          f"Channels ({channels}) must be divisible by partial_channels "
+          f"({partial_channels}); choose K that divides the cell width.")
+    self.space = space
+    self.channels = channels
+    self.stride = stride
+    self.num_edges = num_edges
+    self.partial_channels = partial_channels
+    self.op_channels = channels // partial_channels
+
+    self._build_activations()
+    self._build_operators(affine, pool_batch_norm)
+    self.built = True
+
+  def _build_activations(self):
+    space = self.space
+    if space.kind == search_space_lib.FIXED:
+      candidates = [space.activations.get(space.fixed_activation)]
+    else:
+      candidates = list(space.activations)
+    self.activation_layers = [
+        c.factory(self.op_channels, self.num_edges, name=f"act_{c.name}")
+        for c in candidates]
+
+  def _build_operators(self, affine, pool_batch_norm):
+    # The non-factorized space applies each parametric operator to every
+    # activation: the (activation, edge) pairs become the layer's edges.
+    num_activations = len(self.space.activations)
+    parametric_edges = (num_activations * self.num_edges
+                        if self.space.kind == search_space_lib.NON_FACTORIZED
+                        else self.num_edges)
+    self.operator_layers = []
+    self._operator_candidates = []
+    for candidate in self.space.operators:
+      if candidate.zero:
+        continue
+      edges = parametric_edges if candidate.parametric else self.num_edges
+      layer = candidate.factory(
+          self.op_channels, self.stride, num_edges=edges, affine=affine,
+          pool_batch_norm=pool_batch_norm, name=f"op_{candidate.name}")
+      self.operator_layers.append(layer)
+      self._operator_candidates.append(candidate)
+
+    # The alpha column(s) of each built operator.
+    columns = {}
+    for column, (op, activation) in enumerate(self.space.alpha_candidates):
+      columns.setdefault(op, []).append(column)
+    self._operator_columns = [columns[c.name]
+                              for c in self._operator_candidates]
+
+  def _edge_major(self, y, channels):
+    """Reshape [b, h, w, e * c] (or a shared [b, h, w, c]) to 5-D."""
+    edges = y.shape[-1] // channels
+    return tf.reshape(y, [-1, y.shape[1], y.shape[2], edges, channels])
+
+  def _per_edge(self, y):
+    """Tile an output shared by the edges to one block per edge."""
+    if y.shape[-1] == self.op_channels and self.num_edges > 1:
+      return tf.tile(y, [1, 1, 1, self.num_edges])
+    return y
+
+  def _activation_mixture(self, x, activation_weights, training):
+    """sigma(x) for each edge, [b, h, w, num_edges * channels]."""
+    outputs = [layer(x, training=training)
+               for layer in self.activation_layers]
+    if self.space.kind == search_space_lib.FIXED:
+      return self._per_edge(outputs[0])
+
+    shared = [k for k, y in enumerate(outputs)
+              if y.shape[-1] == self.op_channels]
+    per_edge = [k for k, y in enumerate(outputs)
+                if y.shape[-1] != self.op_channels]
+
+    mixture = None
+    if shared:
+      stacked = tf.stack([outputs[k] for k in shared], axis=-1)
+      weights = tf.gather(activation_weights, shared, axis=1)
+      mixture = tf.einsum("nhwck,ek->nhwec", stacked, weights)
+    for k in per_edge:
+      term = (self._edge_major(outputs[k], self.op_channels)
+              * activation_weights[:, k:k + 1])
+      mixture = term if mixture is None else mixture + term
+
+    return tf.reshape(mixture, [-1, x.shape[1], x.shape[2],
+                                self.num_edges * self.op_channels])
+
+  def _all_activations(self, x, training):
+    """Every activation of x for every edge, activation-major."""
+    outputs = [self._per_edge(layer(x, training=training))
+               for layer in self.activation_layers]
+    return tf.concat(outputs, axis=-1)
+
+  def _mix(self, x, op_weights, activation_weights, training):
+    if self.space.kind == search_space_lib.NON_FACTORIZED:
+      activated = self._all_activations(x, training)
+    else:
+      activated = self._activation_mixture(x, activation_weights, training)
+
+    total = None
+    for layer, candidate, columns in zip(
+        self.operator_layers, self._operator_candidates,
+        self._operator_columns):
+      y = layer(activated if candidate.parametric else x, training=training)
+      if len(columns) == 1:
+        term = (self._edge_major(y, self.op_channels)
+                * op_weights[:, columns[0]:columns[0] + 1])
+      else:
+        # One output block per (activation, edge), weighted by its own
+        # combined-candidate column and summed over the activations.
+        blocks = tf.reshape(
+            y, [-1, y.shape[1], y.shape[2], len(columns), self.num_edges,
+                self.op_channels])
+        weights = tf.gather(op_weights, columns, axis=1)
+        term = tf.einsum("nhwaec,ea->nhwec", blocks, weights)
+      total = term if total is None else total + term
+
+    if total is None:
+      # Only the zero operator: the edges output zeros at the edge's stride.
+      height = (x.shape[1] - 1) // self.stride + 1
+      width = (x.shape[2] - 1) // self.stride + 1
+      total = tf.zeros(tf.stack([tf.shape(x)[0], height, width,
+                                 self.num_edges, self.op_channels]), x.dtype)
+    return total
+
+  def call(self, x, op_weights, activation_weights=None, training=None):
+    if self.partial_channels == 1:
+      return self._mix(x, op_weights, activation_weights, training)
+
+    active = x[..., :self.op_channels]
+    bypass = x[..., self.op_channels:]
+    if self.stride > 1:
+      bypass = tf.nn.max_pool2d(bypass, 2, 2, "VALID")
+
+    mixed = self._mix(active, op_weights, activation_weights, training)
+    bypass = tf.tile(tf.expand_dims(bypass, -2), [1, 1, 1, self.num_edges, 1])
+    return channel_shuffle(tf.concat([mixed, bypass], axis=-1),
+                           self.partial_channels)

@@ -1,0 +1,307 @@
+"""The tri-level search step as a Keras model.
+
+`SearchModel.train_step` takes a (train batch, validation batch) pair and
+updates, in this order:
+
+1. the network weights w, with SGD on the training loss;
+2. alpha (and the PC-DARTS edge weights), with Adam on the validation loss
+   at the new w;
+3. beta, with Adam on the validation loss at the new w and the new alpha,
+   from a fresh forward pass.
+
+This is the first-order form. `arch_update="joint"` instead takes alpha and
+beta from one validation pass: cheaper, but not the method's ordering.
+
+Weight decay is coupled, as in the PyTorch recipes the published results
+used: `decay * v` is added to the gradient before the update. (Keras 3's
+`weight_decay` optimizer argument is decoupled and gives other results, so
+leave it unset.) The weight gradients are clipped by their global norm.
+Under a distribution strategy the gradients are summed across replicas
+before clipping and decay, so every replica applies the same update and
+alpha and beta stay identical on all of them.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+SEQUENTIAL = "sequential"
+JOINT = "joint"
+
+
+def cifar_search_optimizers(steps_per_epoch, epochs=25, learning_rate=0.05,
+                            min_learning_rate=0.001, arch_learning_rate=6e-4):
+  """The optimizers of the published CIFAR-10 search.
+
+  SGD with momentum 0.9 and a cosine schedule from `learning_rate` to
+  `min_learning_rate` for the weights; Adam with betas (0.5, 0.999) and
+  epsilon 1e-8 (PyTorch's) for alpha and for beta.
+
+  Returns:
+    (weight_optimizer, alpha_optimizer, beta_optimizer).
+  """
+  schedule = keras.optimizers.schedules.CosineDecay(
+      learning_rate, decay_steps=max(1, steps_per_epoch * epochs),
+      alpha=min_learning_rate / learning_rate)
+  weights = keras.optimizers.SGD(schedule, momentum=0.9, name="weight_sgd")
+  alpha = keras.optimizers.Adam(arch_learning_rate, beta_1=0.5, beta_2=0.999,
+                                epsilon=1e-8, name="alpha_adam")
+  beta = keras.optimizers.Adam(arch_learning_rate, beta_1=0.5, beta_2=0.999,
+                               epsilon=1e-8, name="beta_adam")
+  return weights, alpha, beta
+
+
+def _num_replicas():
+  return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+class SearchModel(keras.Model):
+  """Runs the tri-level architecture search on a `SearchNetwork`.
+
+  Args:
+    network: the `SearchNetwork`; it owns alpha and beta.
+    arch_update: "sequential" (weights, then alpha, then beta from a new
+      pass) or "joint" (alpha and beta from one validation pass).
+    weight_decay: coupled L2 decay of the network weights (3e-4 published).
+    arch_weight_decay: coupled L2 decay of alpha and beta (1e-3 published).
+    clip_norm: global-norm clip of the weight gradients (5 published);
+      None disables it.
+    frozen_beta: None, or a dict {"beta_normal": array, "beta_reduce":
+      array} that fixes beta to the given raw values for the whole search
+      (Config-A: activations taken from an earlier factorized search).
+    warmup_steps: steps during which only the weights train.
+
+  Compile with `compile(weight_optimizer, alpha_optimizer, beta_optimizer)`;
+  fit on a dataset of ((train_images, train_labels), (val_images,
+  val_labels)) pairs.
+  """
+
+  def __init__(self, network, arch_update=SEQUENTIAL, weight_decay=3e-4,
+               arch_weight_decay=1e-3, clip_norm=5.0, frozen_beta=None,
+               warmup_steps=0, name="search_model", **kwargs):
+    super().__init__(name=name, **kwargs)
+    if arch_update not in (SEQUENTIAL, JOINT):
+      raise ValueError(
+          f"Unknown arch_update {arch_update!r}; use {SEQUENTIAL!r} or "
+          f"{JOINT!r}.")
+    self.network = network
+    self.arch_update = arch_update
+    self.weight_decay = weight_decay
+    self.arch_weight_decay = arch_weight_decay
+    self.clip_norm = clip_norm
+    self.warmup_steps = int(warmup_steps)
+    self.beta_frozen = frozen_beta is not None
+    if frozen_beta is not None:
+      self.set_beta(frozen_beta)
+
+    self.loss_tracker = keras.metrics.Mean(name="loss")
+    self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(
+        name="accuracy")
+    self.arch_loss_tracker = keras.metrics.Mean(name="arch_loss")
+    self.arch_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(
+        name="arch_accuracy")
+    # Whether the traced train step includes the architecture updates;
+    # switched off during warm-up (see `fit`).
+    self.arch_updates_enabled = True
+    self.built = True
+
+  # Variables and architecture.
+
+  def set_beta(self, values):
+    """Assign raw beta values, e.g. from an earlier search's genotype run."""
+    for name in ("beta_normal", "beta_reduce"):
+      if name not in values:
+        raise ValueError(
+            f"frozen beta is missing {name!r}; give both beta_normal and "
+            "beta_reduce.")
+      variable = self.network.arch_variable(name)
+      value = np.asarray(values[name], dtype=np.float32)
+      if value.shape != tuple(variable.shape):
+        raise ValueError(
+            f"frozen {name} has shape {value.shape}; expected "
+            f"{tuple(variable.shape)} (14 edges x activations).")
+      variable.assign(value)
+
+  def genotype(self):
+    """Derive the genotype from the current alpha and beta."""
+    return self.network.genotype()
+
+  # Keras plumbing.
+
+  def call(self, images, training=None):
+    return self.network(images, training=training)
+
+  @property
+  def metrics(self):
+    return [self.loss_tracker, self.accuracy_tracker,
+            self.arch_loss_tracker, self.arch_accuracy_tracker]
+
+  def compile(self, weight_optimizer=None, alpha_optimizer=None,
+              beta_optimizer=None, **kwargs):
+    """Set the three optimizers and build their variables.
+
+    The optimizers are built here, inside the current strategy scope: an
+    optimizer built lazily inside the replica function fails under
+    MirroredStrategy. Pass no loss or metrics: they are computed inside
+    train_step. Defaults are `cifar_search_optimizers(1)`.
+    """
+    for key in ("loss", "metrics", "optimizer"):
+      if kwargs.get(key) is not None:
+        raise ValueError(
+            f"SearchModel.compile() takes no {key!r}: give "
+            "weight_optimizer, alpha_optimizer and beta_optimizer.")
+    kwargs.setdefault("jit_compile", False)  # XLA is slower on CPU here.
+    defaults = cifar_search_optimizers(1)
+    self.weight_optimizer = weight_optimizer or defaults[0]
+    self.alpha_optimizer = alpha_optimizer or defaults[1]
+    self.beta_optimizer = beta_optimizer or defaults[2]
+    super().compile(optimizer=self.weight_optimizer, **kwargs)
+
+    self.weight_optimizer.build(self.network.weight_variables)
+    self.alpha_optimizer.build(self.network.alpha_variables)
+    if self.network.beta_variables:
+      self.beta_optimizer.build(self.network.beta_variables)
+
+  # The three updates.
+
+  def _loss(self, images, labels, training=True):
+    logits = self.network(images, training=training)
+    per_example = keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True)
+    # Averaged over the global batch: the gradients are summed over replicas.
+    return tf.nn.compute_average_loss(per_example), logits
+
+  def _apply(self, optimizer, gradients, variables, decay, clip_norm=None):
+    """Reduce across replicas, clip, add coupled decay, apply."""
+    # A variable outside the loss's graph (alpha_normal in a network whose
+    # cells are all reduction cells) has no gradient and is left alone.
+    pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+    if not pairs:
+      return
+    gradients = [g for g, _ in pairs]
+    variables = [v for _, v in pairs]
+    replicas = _num_replicas()
+    context = tf.distribute.get_replica_context()
+    if replicas > 1 and context is not None:
+      gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+    if clip_norm:
+      gradients, _ = tf.clip_by_global_norm(gradients, clip_norm)
+    if decay:
+      gradients = [g + decay * v for g, v in zip(gradients, variables)]
+    if replicas > 1:
+      # The optimizer sums the gradients across replicas again.
+      gradients = [g / replicas for g in gradients]
+    optimizer.apply_gradients(zip(gradients, variables))
+
+  def weight_step(self, images, labels):
+    """One SGD step of the network weights on a training batch."""
+    variables = self.network.weight_variables
+    with tf.GradientTape() as tape:
+      loss, logits = self._loss(images, labels)
+    gradients = tape.gradient(loss, variables)
+    self._apply(self.weight_optimizer, gradients, variables,
+                self.weight_decay, self.clip_norm)
+    return loss, logits
+
+  def _arch_gradients(self, images, labels, variables):
+    with tf.GradientTape() as tape:
+      loss, logits = self._loss(images, labels)
+    return loss, logits, tape.gradient(loss, variables)
+
+  def alpha_step(self, images, labels):
+    """One Adam step of alpha on a validation batch."""
+    variables = self.network.alpha_variables
+    loss, logits, gradients = self._arch_gradients(images, labels, variables)
+    self._apply(self.alpha_optimizer, gradients, variables,
+                self.arch_weight_decay)
+    return loss, logits
+
+  def beta_step(self, images, labels):
+    """One Adam step of beta on a validation batch (a fresh pass)."""
+    variables = self.network.beta_variables
+    loss, logits, gradients = self._arch_gradients(images, labels, variables)
+    self._apply(self.beta_optimizer, gradients, variables,
+                self.arch_weight_decay)
+    return loss, logits
+
+  def joint_arch_step(self, images, labels):
+    """alpha and beta from one validation pass."""
+    alphas = self.network.alpha_variables
+    betas = self.network.beta_variables if self._beta_trains else []
+    loss, logits, gradients = self._arch_gradients(images, labels,
+                                                   alphas + betas)
+    self._apply(self.alpha_optimizer, gradients[:len(alphas)], alphas,
+                self.arch_weight_decay)
+    if betas:
+      self._apply(self.beta_optimizer, gradients[len(alphas):], betas,
+                  self.arch_weight_decay)
+    return loss, logits
+
+  @property
+  def _beta_trains(self):
+    return bool(self.network.beta_variables) and not self.beta_frozen
+
+  def train_step(self, data):
+    (train_images, train_labels), (val_images, val_labels) = data
+
+    loss, logits = self.weight_step(train_images, train_labels)
+    self.loss_tracker.update_state(loss * _num_replicas())
+    self.accuracy_tracker.update_state(train_labels, logits)
+
+    if self.arch_updates_enabled:
+      if self.arch_update == JOINT:
+        arch_loss, arch_logits = self.joint_arch_step(val_images, val_labels)
+      else:
+        arch_loss, arch_logits = self.alpha_step(val_images, val_labels)
+        if self._beta_trains:
+          self.beta_step(val_images, val_labels)
+      self.arch_loss_tracker.update_state(arch_loss * _num_replicas())
+      self.arch_accuracy_tracker.update_state(val_labels, arch_logits)
+
+    return {m.name: m.result() for m in self.metrics}
+
+  def test_step(self, data):
+    """Evaluate on the validation batch of a (train, val) pair, or on an
+    (images, labels) batch."""
+    if isinstance(data[0], (tuple, list)):
+      data = data[1]
+    images, labels = data[0], data[1]
+    loss, logits = self._loss(images, labels, training=False)
+    self.loss_tracker.update_state(loss * _num_replicas())
+    self.accuracy_tracker.update_state(labels, logits)
+    return {"loss": self.loss_tracker.result(),
+            "accuracy": self.accuracy_tracker.result()}
+
+  def fit(self, *args, callbacks=None, **kwargs):
+    """keras.Model.fit, with the warm-up switch added to the callbacks."""
+    callbacks = list(callbacks or [])
+    if self.warmup_steps:
+      callbacks.append(ArchitectureWarmup(self.warmup_steps))
+    return super().fit(*args, callbacks=callbacks, **kwargs)
+
+
+class ArchitectureWarmup(keras.callbacks.Callback):
+  """Train only the weights for the first `warmup_steps` steps.
+
+  The train step is traced without the architecture updates while warming
+  up and traced again, once, when the warm-up ends.
+  """
+
+  def __init__(self, warmup_steps):
+    super().__init__()
+    self.warmup_steps = warmup_steps
+
+  def _set(self, enabled):
+    if self.model.arch_updates_enabled != enabled:
+      self.model.arch_updates_enabled = enabled
+      self.model.make_train_function(force=True)
+
+  def on_train_begin(self, logs=None):
+    step = int(self.model.weight_optimizer.iterations.numpy())
+    self._set(step >= self.warmup_steps)
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if not self.model.arch_updates_enabled:
+      step = int(self.model.weight_optimizer.iterations.numpy())
+      if step >= self.warmup_steps:
+        self._set(True)
