@@ -70,12 +70,18 @@ class BatchNorm(Op):
                                    initializer="ones")
       self.beta = self.add_weight(name="beta", shape=(channels,),
                                   initializer="zeros")
-    self.moving_mean = self.add_weight(
-        name="moving_mean", shape=(channels,), initializer="zeros",
-        trainable=False, aggregation="mean")
-    self.moving_variance = self.add_weight(
-        name="moving_variance", shape=(channels,), initializer="ones",
-        trainable=False, aggregation="mean")
+    # The running statistics are synchronized on read, as tf.keras's batch
+    # norm kept them: under a distribution strategy each replica updates
+    # its own copy (no cross-replica call, so the update also works inside a
+    # nested tf.function), and reading outside the replicas averages them.
+    with keras.name_scope(self.name, caller=self):
+      self.moving_mean = keras.Variable(
+          keras.initializers.Zeros(), shape=(channels,), trainable=False,
+          aggregation="mean", synchronization="on_read", name="moving_mean")
+      self.moving_variance = keras.Variable(
+          keras.initializers.Ones(), shape=(channels,), trainable=False,
+          aggregation="mean", synchronization="on_read",
+          name="moving_variance")
     self._finish_build()
 
   def call(self, x, training=None):

@@ -103,6 +103,7 @@ class SearchModel(keras.Model):
     # Whether the traced train step includes the architecture updates;
     # switched off during warm-up (see `fit`).
     self.arch_updates_enabled = True
+    self._traced_pass = None
     self.built = True
 
   # Variables and architecture.
@@ -193,25 +194,41 @@ class SearchModel(keras.Model):
       gradients = [g / replicas for g in gradients]
     optimizer.apply_gradients(zip(gradients, variables))
 
-  def weight_step(self, images, labels):
-    """One SGD step of the network weights on a training batch."""
-    variables = self.network.weight_variables
-    with tf.GradientTape() as tape:
-      loss, logits = self._loss(images, labels)
-    gradients = tape.gradient(loss, variables)
-    self._apply(self.weight_optimizer, gradients, variables,
-                self.weight_decay, self.clip_norm)
-    return loss, logits
-
-  def _arch_gradients(self, images, labels, variables):
+  def _forward_backward(self, images, labels):
+    """Loss, logits and the gradient of every trainable network variable."""
+    variables = self.network.trainable_variables
     with tf.GradientTape() as tape:
       loss, logits = self._loss(images, labels)
     return loss, logits, tape.gradient(loss, variables)
 
+  def _gradients(self, images, labels, variables):
+    """One forward and backward pass; the gradients of `variables`.
+
+    All three updates share one traced pass, so the network is traced once
+    instead of three times (tracing, not arithmetic, dominates the start-up
+    time). The pass returns the gradient of every variable and each update
+    keeps its own group; TensorFlow's graph optimizer removes the gradients
+    that an update leaves unused once it inlines the call.
+    """
+    if self._traced_pass is None:
+      self._traced_pass = tf.function(self._forward_backward)
+    loss, logits, gradients = self._traced_pass(images, labels)
+    position = {id(v): k
+                for k, v in enumerate(self.network.trainable_variables)}
+    return loss, logits, [gradients[position[id(v)]] for v in variables]
+
+  def weight_step(self, images, labels):
+    """One SGD step of the network weights on a training batch."""
+    variables = self.network.weight_variables
+    loss, logits, gradients = self._gradients(images, labels, variables)
+    self._apply(self.weight_optimizer, gradients, variables,
+                self.weight_decay, self.clip_norm)
+    return loss, logits
+
   def alpha_step(self, images, labels):
     """One Adam step of alpha on a validation batch."""
     variables = self.network.alpha_variables
-    loss, logits, gradients = self._arch_gradients(images, labels, variables)
+    loss, logits, gradients = self._gradients(images, labels, variables)
     self._apply(self.alpha_optimizer, gradients, variables,
                 self.arch_weight_decay)
     return loss, logits
@@ -219,7 +236,7 @@ class SearchModel(keras.Model):
   def beta_step(self, images, labels):
     """One Adam step of beta on a validation batch (a fresh pass)."""
     variables = self.network.beta_variables
-    loss, logits, gradients = self._arch_gradients(images, labels, variables)
+    loss, logits, gradients = self._gradients(images, labels, variables)
     self._apply(self.beta_optimizer, gradients, variables,
                 self.arch_weight_decay)
     return loss, logits
@@ -228,7 +245,7 @@ class SearchModel(keras.Model):
     """alpha and beta from one validation pass."""
     alphas = self.network.alpha_variables
     betas = self.network.beta_variables if self._beta_trains else []
-    loss, logits, gradients = self._arch_gradients(images, labels,
+    loss, logits, gradients = self._gradients(images, labels,
                                                    alphas + betas)
     self._apply(self.alpha_optimizer, gradients[:len(alphas)], alphas,
                 self.arch_weight_decay)
