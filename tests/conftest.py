@@ -21,8 +21,10 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def shared_dir() -> pathlib.Path:
-  """The shared folder that holds data/cifar10 (TF_ADARTS_SHARED or
-  ../shared beside the repository)."""
+  """Return the shared folder that contains data/cifar10.
+
+  TF_ADARTS_SHARED names it; the default is ../shared beside the repository.
+  """
   configured = os.environ.get("TF_ADARTS_SHARED")
   return pathlib.Path(configured) if configured else REPO_ROOT.parent / "shared"
 

@@ -1,12 +1,13 @@
 """Candidate activations of the activation group, as edge-batched Keras layers.
 
 Every layer here serves the edges that leave one node of a cell at once.
-Its input is the node's output, [batch, height, width, channels]. Its output
-is either shared by all of those edges, with the input's shape, when the
-activation has no per-edge state, or one block of `channels` per edge,
-[batch, height, width, num_edges * channels], edge-major, when each edge owns
+Its input is the node's output, [batch, height, width, channels]. An
+activation without per-edge state returns one output shared by all of
+those edges, with the input's shape. An activation whose edges own
 learnable or random state (PReLU slopes, the Swish scalar, RReLU draws in
-training). Callers tell the two apart by the output's channel count. The mixed operation broadcasts shared outputs itself, so the
+training) returns one block of `channels` per edge, edge-major:
+[batch, height, width, num_edges * channels]. Callers tell the two apart by
+the output's channel count. The mixed operation broadcasts shared outputs itself, so the
 stateless activations run once per node instead of once per edge.
 
 Defaults follow PyTorch's, which the published models used: LeakyReLU slope
@@ -111,8 +112,8 @@ class RReLU(EdgeActivation):
   """Randomized leaky ReLU.
 
   In training each element of each edge draws its negative slope uniformly
-  from [lower, upper], so the output is per edge; in inference the slope is
-  the fixed mean (lower + upper) / 2 and the output is shared by the edges.
+  from [lower, upper], so the output is per edge. In inference the slope is
+  the fixed mean (lower + upper) / 2, and the output is shared by the edges.
   """
 
   per_edge = True  # In training; see call().

@@ -3,7 +3,7 @@
 Intermediate node j (2 <= j < 2 + steps) sums one mixed operation from every
 earlier node, so a cell with four steps has 2 + 3 + 4 + 5 = 14 edges. Edges
 are numbered in the DARTS order: node 2 from inputs 0 and 1, node 3 from 0,
-1 and 2, and so on; the architecture weights have one row per edge in that
+1 and 2, and so on. The architecture weights have one row per edge in that
 order. The cell's output concatenates the intermediate nodes.
 
 The edges leaving one node share a `MixedOp`, so a cell runs five edge
@@ -19,7 +19,7 @@ from tf_adarts import operations
 
 
 def cell_edges(steps=4):
-  """The (source, target) node pairs of a cell, in DARTS order."""
+  """Return the (source, target) node pairs of a cell, in DARTS order."""
   return tuple((i, j) for j in range(2, 2 + steps) for i in range(j))
 
 

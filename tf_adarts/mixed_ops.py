@@ -161,7 +161,7 @@ class MixedOp(keras.layers.Layer):
                                 self.num_edges * self.op_channels])
 
   def _all_activations(self, x, training):
-    """Every activation of x for every edge, activation-major."""
+    """Apply every activation to x for every edge, activation-major."""
     outputs = [self._per_edge(layer(x, training=training))
                for layer in self.activation_layers]
     return tf.concat(outputs, axis=-1)

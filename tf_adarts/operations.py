@@ -18,7 +18,7 @@ Conventions of the public DARTS code (PyTorch) that are kept here:
   default initialisation, and convolutions without bias.
 
 Each batch norm is one FusedBatchNormV3 op that also computes the new running
-statistics, which keeps the graph small; graph size, not arithmetic,
+statistics. This keeps the graph small, and graph size, not arithmetic,
 dominates the time to trace a supernet.
 """
 
@@ -70,10 +70,10 @@ class BatchNorm(Op):
                                    initializer="ones")
       self.beta = self.add_weight(name="beta", shape=(channels,),
                                   initializer="zeros")
-    # The running statistics are synchronized on read, as tf.keras's batch
-    # norm kept them: under a distribution strategy each replica updates
-    # its own copy (no cross-replica call, so the update also works inside a
-    # nested tf.function), and reading outside the replicas averages them.
+    # The running statistics are synchronized on read, as in tf.keras's
+    # batch norm. Under a distribution strategy each replica updates its own
+    # copy without a cross-replica call, so the update also works inside a
+    # nested tf.function. A read outside the replicas averages the copies.
     with keras.name_scope(self.name, caller=self):
       self.moving_mean = keras.Variable(
           keras.initializers.Zeros(), shape=(channels,), trainable=False,
@@ -295,9 +295,9 @@ def _subsample(x, stride):
 class Pool(Op):
   """3x3 max or average pooling with one pixel of padding, optional BN.
 
-  Pooling is computed at stride 1 with "same" padding and then subsampled:
-  at stride 1 TensorFlow's "same" padding is the symmetric one-pixel padding
-  (ignored by max, not counted by average), and subsampling keeps the
+  Pooling is computed at stride 1 with "same" padding and then subsampled.
+  At stride 1, TensorFlow's "same" padding is the symmetric one-pixel
+  padding, ignored by max and not counted by average. Subsampling keeps the
   windows centred on even pixels, as PyTorch's stride-2 pools with padding 1
   do.
   """
@@ -333,9 +333,10 @@ class Identity(Op):
 
 # Operator factories. Each takes (channels, stride, num_edges, affine,
 # pool_batch_norm, name) and returns a layer. Non-parametric operators take
-# the node output [b, h, w, channels] and may return an output shared by all
-# edges (same channel count) or an edge-major one; parametric operators take
-# the edge-major activation mixture [b, h, w, num_edges * channels].
+# the node output [b, h, w, channels]. They return either an output shared
+# by all edges (same channel count) or an edge-major one. Parametric
+# operators take the edge-major activation mixture
+# [b, h, w, num_edges * channels].
 
 
 def none_factory(channels, stride=1, num_edges=1, affine=False,

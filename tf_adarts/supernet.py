@@ -155,7 +155,7 @@ class SearchNetwork(keras.Model):
     return [v for v in self.trainable_variables if id(v) not in arch_ids]
 
   def arch_numpy(self):
-    """The current architecture weights as numpy arrays, by name."""
+    """Return the current architecture weights as numpy arrays, by name."""
     return collections.OrderedDict(
         (name, keras.ops.convert_to_numpy(v)) for name, v in self._arch.items())
 

@@ -31,7 +31,7 @@ JOINT = "joint"
 
 def cifar_search_optimizers(steps_per_epoch, epochs=25, learning_rate=0.05,
                             min_learning_rate=0.001, arch_learning_rate=6e-4):
-  """The optimizers of the published CIFAR-10 search.
+  """Create the optimizers of the published CIFAR-10 search.
 
   SGD with momentum 0.9 and a cosine schedule from `learning_rate` to
   `min_learning_rate` for the weights; Adam with betas (0.5, 0.999) and
@@ -202,7 +202,7 @@ class SearchModel(keras.Model):
     return loss, logits, tape.gradient(loss, variables)
 
   def _gradients(self, images, labels, variables):
-    """One forward and backward pass; the gradients of `variables`.
+    """Run one forward and backward pass and return the gradients of `variables`.
 
     All three updates share one traced pass, so the network is traced once
     instead of three times (tracing, not arithmetic, dominates the start-up
@@ -218,7 +218,7 @@ class SearchModel(keras.Model):
     return loss, logits, [gradients[position[id(v)]] for v in variables]
 
   def weight_step(self, images, labels):
-    """One SGD step of the network weights on a training batch."""
+    """Take one SGD step of the network weights on a training batch."""
     variables = self.network.weight_variables
     loss, logits, gradients = self._gradients(images, labels, variables)
     self._apply(self.weight_optimizer, gradients, variables,
@@ -226,7 +226,7 @@ class SearchModel(keras.Model):
     return loss, logits
 
   def alpha_step(self, images, labels):
-    """One Adam step of alpha on a validation batch."""
+    """Take one Adam step of alpha on a validation batch."""
     variables = self.network.alpha_variables
     loss, logits, gradients = self._gradients(images, labels, variables)
     self._apply(self.alpha_optimizer, gradients, variables,
@@ -234,7 +234,7 @@ class SearchModel(keras.Model):
     return loss, logits
 
   def beta_step(self, images, labels):
-    """One Adam step of beta on a validation batch (a fresh pass)."""
+    """Take one Adam step of beta on a validation batch (a fresh pass)."""
     variables = self.network.beta_variables
     loss, logits, gradients = self._gradients(images, labels, variables)
     self._apply(self.beta_optimizer, gradients, variables,
@@ -242,7 +242,7 @@ class SearchModel(keras.Model):
     return loss, logits
 
   def joint_arch_step(self, images, labels):
-    """alpha and beta from one validation pass."""
+    """Update alpha and beta from one validation pass."""
     alphas = self.network.alpha_variables
     betas = self.network.beta_variables if self._beta_trains else []
     loss, logits, gradients = self._gradients(images, labels,
@@ -291,6 +291,9 @@ class SearchModel(keras.Model):
 
   def fit(self, *args, callbacks=None, **kwargs):
     """keras.Model.fit, with the warm-up switch added to the callbacks."""
+    # The (train, val) streams are datasets that shuffle themselves; Keras's
+    # default shuffle=True would only warn that it ignores them.
+    kwargs.setdefault("shuffle", False)
     callbacks = list(callbacks or [])
     if self.warmup_steps:
       callbacks.append(ArchitectureWarmup(self.warmup_steps))
