@@ -239,3 +239,27 @@ def test_fit_under_mirrored_strategy():
     replicas = strategy.experimental_local_results(variable.value)
     assert len(replicas) == 2
     np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
+
+
+@pytest.mark.slow
+def test_custom_loop_with_strategy_run():
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  with strategy.scope():
+    model = _model(space=search_space.get_space("fixed:relu"))
+  dataset = strategy.experimental_distribute_dataset(_pair_dataset(2))
+
+  @tf.function
+  def distributed_step(data):
+    logs = strategy.run(model.train_step, args=(data,))
+    return strategy.reduce(tf.distribute.ReduceOp.MEAN, logs["loss"],
+                           axis=None)
+
+  before = _snapshot(model.network.alpha_variables)
+  for data in dataset:
+    loss = distributed_step(data)
+  assert np.isfinite(loss.numpy())
+  assert int(model.weight_optimizer.iterations.numpy()) == 2
+  assert _changed(before, model.network.alpha_variables)
+  for variable in model.network.beta_variables + model.network.alpha_variables:
+    replicas = strategy.experimental_local_results(variable.value)
+    np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
