@@ -15,10 +15,33 @@ Defaults follow PyTorch's, which the published models used: LeakyReLU slope
 alpha 1.0.
 """
 
+import contextlib
 from typing import Callable
 
 import keras
 import tensorflow as tf
+
+# The seed of the random activations in the pass being traced, if any.
+_noise_seed = None
+
+
+@contextlib.contextmanager
+def noise_seed(seed):
+  """Seed the random activations called inside the block.
+
+  Within the block every RReLU draws its training slopes with stateless ops
+  from `seed` (an int32 or int64 tensor of shape [2]) folded with the
+  layer's own `noise_salt`, so a pass is reproducible from the seed alone:
+  a resumed run draws what an uninterrupted run would. Outside any block the
+  draws are stateful (tf.random.uniform).
+  """
+  global _noise_seed
+  previous = _noise_seed
+  _noise_seed = seed
+  try:
+    yield
+  finally:
+    _noise_seed = previous
 
 
 class EdgeActivation(keras.layers.Layer):
@@ -123,6 +146,9 @@ class RReLU(EdgeActivation):
     super().__init__(channels, num_edges, **kwargs)
     self.lower = lower
     self.upper = upper
+    # Distinguishes this layer's draws from the other RReLUs' under one
+    # noise seed; the search network numbers its RReLUs.
+    self.noise_salt = 0
     self._finish_build()
 
   def call(self, x, training=None):
@@ -135,7 +161,13 @@ class RReLU(EdgeActivation):
     x_edges = self._edge_major(negative)
     shape = tf.concat(
         [tf.shape(x)[:3], [self.num_edges, self.channels]], axis=0)
-    slope = tf.random.uniform(shape, self.lower, self.upper, dtype=x.dtype)
+    if _noise_seed is None:
+      slope = tf.random.uniform(shape, self.lower, self.upper, dtype=x.dtype)
+    else:
+      seed = tf.random.experimental.stateless_fold_in(
+          tf.cast(_noise_seed, tf.int64), self.noise_salt)
+      slope = tf.random.stateless_uniform(shape, seed, self.lower,
+                                          self.upper, dtype=x.dtype)
     y = self._edge_major(positive) + x_edges * slope
     return self._flatten_edges(y, x)
 

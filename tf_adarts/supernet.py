@@ -79,7 +79,16 @@ class SearchNetwork(keras.Model):
     self.classifier = operations.Classifier(prev, num_classes,
                                             name="classifier")
     self._create_arch_variables()
+    self._number_random_layers()
     self.built = True
+
+  def _number_random_layers(self):
+    """Give every layer with random draws its own noise salt."""
+    salt = 0
+    for layer in self._flatten_layers(include_self=False, recursive=True):
+      if hasattr(layer, "noise_salt"):
+        salt += 1
+        layer.noise_salt = salt
 
   def _build_stem(self, stem, input_channels, channels, stem_multiplier):
     """Create the stem layers; return (prev_prev, prev, reduction_prev)."""

@@ -25,6 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_adarts import activations
+
 SEQUENTIAL = "sequential"
 JOINT = "joint"
 
@@ -70,6 +72,9 @@ class SearchModel(keras.Model):
       array} that fixes beta to the given raw values for the whole search
       (Config-A: activations taken from an earlier factorized search).
     warmup_steps: steps during which only the weights train.
+    seed: when set, the random activations (RReLU) of each pass draw from
+      stateless ops seeded by (seed, step, pass, replica), so a resumed
+      search repeats an uninterrupted one; None draws statefully.
 
   Compile with `compile(weight_optimizer, alpha_optimizer, beta_optimizer)`;
   fit on a dataset of ((train_images, train_labels), (val_images,
@@ -78,7 +83,7 @@ class SearchModel(keras.Model):
 
   def __init__(self, network, arch_update=SEQUENTIAL, weight_decay=3e-4,
                arch_weight_decay=1e-3, clip_norm=5.0, frozen_beta=None,
-               warmup_steps=0, name="search_model", **kwargs):
+               warmup_steps=0, seed=None, name="search_model", **kwargs):
     super().__init__(name=name, **kwargs)
     if arch_update not in (SEQUENTIAL, JOINT):
       raise ValueError(
@@ -90,6 +95,7 @@ class SearchModel(keras.Model):
     self.arch_weight_decay = arch_weight_decay
     self.clip_norm = clip_norm
     self.warmup_steps = int(warmup_steps)
+    self.seed = seed
     self.beta_frozen = frozen_beta is not None
     if frozen_beta is not None:
       self.set_beta(frozen_beta)
@@ -194,14 +200,27 @@ class SearchModel(keras.Model):
       gradients = [g / replicas for g in gradients]
     optimizer.apply_gradients(zip(gradients, variables))
 
-  def _forward_backward(self, images, labels):
+  def _forward_backward(self, images, labels, noise_seed):
     """Loss, logits and the gradient of every trainable network variable."""
     variables = self.network.trainable_variables
     with tf.GradientTape() as tape:
-      loss, logits = self._loss(images, labels)
+      with activations.noise_seed(noise_seed):
+        loss, logits = self._loss(images, labels)
     return loss, logits, tape.gradient(loss, variables)
 
-  def _gradients(self, images, labels, variables):
+  def _noise_seed(self, pass_index):
+    """The stateless seed of one pass: (seed, step, pass, replica)."""
+    if self.seed is None:
+      return None
+    step = tf.cast(self.weight_optimizer.iterations, tf.int64)
+    seed = tf.stack([tf.constant(self.seed, tf.int64), 3 * step + pass_index])
+    context = tf.distribute.get_replica_context()
+    if context is not None:
+      seed = tf.random.experimental.stateless_fold_in(
+          seed, context.replica_id_in_sync_group)
+    return seed
+
+  def _gradients(self, images, labels, variables, pass_index=0):
     """Run one forward and backward pass and return the gradients of `variables`.
 
     All three updates share one traced pass, so the network is traced once
@@ -212,7 +231,8 @@ class SearchModel(keras.Model):
     """
     if self._traced_pass is None:
       self._traced_pass = tf.function(self._forward_backward)
-    loss, logits, gradients = self._traced_pass(images, labels)
+    loss, logits, gradients = self._traced_pass(
+        images, labels, self._noise_seed(pass_index))
     position = {id(v): k
                 for k, v in enumerate(self.network.trainable_variables)}
     return loss, logits, [gradients[position[id(v)]] for v in variables]
@@ -228,7 +248,8 @@ class SearchModel(keras.Model):
   def alpha_step(self, images, labels):
     """Take one Adam step of alpha on a validation batch."""
     variables = self.network.alpha_variables
-    loss, logits, gradients = self._gradients(images, labels, variables)
+    loss, logits, gradients = self._gradients(images, labels, variables,
+                                              pass_index=1)
     self._apply(self.alpha_optimizer, gradients, variables,
                 self.arch_weight_decay)
     return loss, logits
@@ -236,7 +257,8 @@ class SearchModel(keras.Model):
   def beta_step(self, images, labels):
     """Take one Adam step of beta on a validation batch (a fresh pass)."""
     variables = self.network.beta_variables
-    loss, logits, gradients = self._gradients(images, labels, variables)
+    loss, logits, gradients = self._gradients(images, labels, variables,
+                                              pass_index=2)
     self._apply(self.beta_optimizer, gradients, variables,
                 self.arch_weight_decay)
     return loss, logits
@@ -246,7 +268,7 @@ class SearchModel(keras.Model):
     alphas = self.network.alpha_variables
     betas = self.network.beta_variables if self._beta_trains else []
     loss, logits, gradients = self._gradients(images, labels,
-                                                   alphas + betas)
+                                              alphas + betas, pass_index=1)
     self._apply(self.alpha_optimizer, gradients[:len(alphas)], alphas,
                 self.arch_weight_decay)
     if betas:
