@@ -263,3 +263,17 @@ def test_custom_loop_with_strategy_run():
   for variable in model.network.beta_variables + model.network.alpha_variables:
     replicas = strategy.experimental_local_results(variable.value)
     np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
+
+
+def test_mixed_precision_keeps_arch_float32():
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = _model()
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  logs = model.train_step((_batch(14), _batch(15)))
+  assert np.isfinite(logs["loss"].numpy())
+  for variable in model.network.arch_variables.values():
+    assert variable.dtype == "float32", variable.name
+  assert model.network(_batch(16)[0]).dtype == tf.float32

@@ -108,7 +108,7 @@ def elementwise(fn: Callable[[tf.Tensor], tf.Tensor]):
 
 def celu(x, alpha: float = 1.0):
   """CELU: max(0, x) + min(0, alpha * (exp(x / alpha) - 1))."""
-  return tf.nn.relu(x) + tf.minimum(0.0, alpha * tf.math.expm1(x / alpha))
+  return tf.nn.relu(x) + tf.minimum(alpha * tf.math.expm1(x / alpha), 0.0)
 
 
 class PReLU(EdgeActivation):

@@ -66,10 +66,12 @@ class BatchNorm(Op):
     self.momentum = momentum
     self.epsilon = epsilon
     if affine:
+      # Batch norm's scale, offset and statistics stay float32 under mixed
+      # precision, as FusedBatchNormV3 expects.
       self.gamma = self.add_weight(name="gamma", shape=(channels,),
-                                   initializer="ones")
+                                   initializer="ones", autocast=False)
       self.beta = self.add_weight(name="beta", shape=(channels,),
-                                  initializer="zeros")
+                                  initializer="zeros", autocast=False)
     # The running statistics are synchronized on read, as in tf.keras's
     # batch norm. Under a distribution strategy each replica updates its own
     # copy without a cross-replica call, so the update also works inside a
@@ -77,10 +79,11 @@ class BatchNorm(Op):
     with keras.name_scope(self.name, caller=self):
       self.moving_mean = keras.Variable(
           keras.initializers.Zeros(), shape=(channels,), trainable=False,
-          aggregation="mean", synchronization="on_read", name="moving_mean")
+          aggregation="mean", synchronization="on_read", autocast=False,
+          name="moving_mean")
       self.moving_variance = keras.Variable(
           keras.initializers.Ones(), shape=(channels,), trainable=False,
-          aggregation="mean", synchronization="on_read",
+          aggregation="mean", synchronization="on_read", autocast=False,
           name="moving_variance")
     self._finish_build()
 
@@ -436,4 +439,6 @@ class Classifier(Op):
 
   def call(self, x):
     pooled = tf.reduce_mean(x, axis=[1, 2])
-    return tf.matmul(pooled, self.kernel.value) + self.bias.value
+    logits = tf.matmul(pooled, self.kernel.value) + self.bias.value
+    # Logits in float32, also under mixed precision, for a stable loss.
+    return tf.cast(logits, tf.float32)

@@ -57,7 +57,7 @@ class SearchConfig:
   # Reproducibility.
   seed: int = 0
   deterministic: bool = False  # tf.config.experimental.enable_op_determinism.
-  mixed_precision: bool = False  # float16 compute; alpha and beta float32.
+  mixed_precision: bool = False  # bfloat16 compute; alpha, beta float32.
 
   def replace(self, **changes) -> "SearchConfig":
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

@@ -45,6 +45,9 @@ CONFIG_FILE = "config.json"
 DATA_FILE = "data.json"
 GENOTYPE_FILE = "genotype.json"
 CONFIG_A_PREFIX = "config_a:"
+# bfloat16 keeps float32's exponent range, so the three optimizers need no
+# loss scaling; it runs on recent GPUs, TPUs and this project's CPU tests.
+MIXED_PRECISION_POLICY = "mixed_bfloat16"
 
 
 class SearchError(RuntimeError):
@@ -53,7 +56,7 @@ class SearchError(RuntimeError):
 
 @dataclasses.dataclass
 class SearchResult:
-  """What a finished (or already finished) search left behind."""
+  """The outcome of a search run: its genotype and where it was written."""
   genotype: genotype_lib.Genotype
   model_dir: str
   steps: int
@@ -72,6 +75,7 @@ def write_text_atomic(path, text):
   try:
     with os.fdopen(handle, "w", encoding="utf-8") as stream:
       stream.write(text)
+    os.chmod(temp_path, 0o644)  # mkstemp makes it readable by its owner only.
     os.replace(temp_path, path)
   except BaseException:
     if os.path.exists(temp_path):
@@ -86,6 +90,7 @@ def write_bytes_atomic(path, payload):
   try:
     with os.fdopen(handle, "wb") as stream:
       stream.write(payload)
+    os.chmod(temp_path, 0o644)
     os.replace(temp_path, path)
   except BaseException:
     if os.path.exists(temp_path):
@@ -124,7 +129,7 @@ def resolve_space(space_name):
 
 
 def latest_arch_weights(run_dir):
-  """The last arch_weights/epoch_NNN.json of a run, or None."""
+  """Return the last arch_weights/epoch_NNN.json of a run, or None."""
   folder = os.path.join(run_dir, "arch_weights")
   if not os.path.isdir(folder):
     return None
@@ -140,15 +145,13 @@ def latest_arch_weights(run_dir):
 
 
 def _check_run_directory(config, model_dir):
-  """Store the config of a new run, or compare it with a stored one.
+  """Compare the config with the one stored in model_dir, if any.
 
   Returns:
-    True when the directory already holds a run (which is then resumed).
+    True when the directory already contains a run (which is then resumed).
   """
   path = os.path.join(model_dir, CONFIG_FILE)
   if not os.path.exists(path):
-    os.makedirs(model_dir, exist_ok=True)
-    write_text_atomic(path, config.to_json_string() + "\n")
     return False
 
   with open(path, encoding="utf-8") as stream:
@@ -156,7 +159,7 @@ def _check_run_directory(config, model_dir):
   differences = presets.result_differences(stored, config)
   if differences:
     raise SearchError(
-        f"{model_dir} holds a search with other settings, so it cannot be "
+        f"{model_dir} contains a search with other settings, so it cannot be "
         "resumed with these. Use a new --model_dir, or rerun with the stored "
         f"flags ({model_dir}/flags.txt). Differences (stored -> "
         "requested):\n  " + "\n  ".join(differences))
@@ -183,10 +186,18 @@ def build_search_model(config, num_classes, steps_per_epoch,
   """
   if space is None:
     space, frozen_beta = resolve_space(config.space)
-  network = supernet.SearchNetwork(
-      num_classes, space, channels=config.channels, layers=config.layers,
-      stem=config.stem, partial_channels=config.partial_channels,
-      edge_normalization=config.edge_normalization)
+
+  # Layers take the dtype policy in force when they are built.
+  previous_policy = keras.mixed_precision.global_policy()
+  if config.mixed_precision:
+    keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICY)
+  try:
+    network = supernet.SearchNetwork(
+        num_classes, space, channels=config.channels, layers=config.layers,
+        stem=config.stem, partial_channels=config.partial_channels,
+        edge_normalization=config.edge_normalization)
+  finally:
+    keras.mixed_precision.set_global_policy(previous_policy)
   model = trainer.SearchModel(
       network, arch_update=config.arch_update,
       weight_decay=config.weight_decay,
@@ -243,7 +254,8 @@ def _entropy(probabilities):
 
 
 def softmaxed_arch_weights(network):
-  """Softmax of alpha and beta per edge, and of the edge weights per node."""
+  """Return the softmax of alpha and beta per edge, and of the edge weights
+  per node, as numpy arrays by name."""
   result = {}
   for name, value in network.arch_numpy().items():
     if name.startswith("edge_weights"):
@@ -268,7 +280,7 @@ def _column_labels(space, name):
 
 
 def _write_epoch_summaries(writer, network, genotype, step):
-  """Heatmaps, entropies, the skip count and the genotype as text."""
+  """Write heatmaps, entropies, the skip count and the genotype as text."""
   weights = softmaxed_arch_weights(network)
   with writer.as_default(step=step):
     for name, value in weights.items():
@@ -376,8 +388,6 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
     return SearchResult(genotype_lib.load(final_path), model_dir, -1,
                         resumed=True, already_finished=True)
 
-  if before_start is not None:
-    before_start()
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
@@ -386,6 +396,17 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
   data_config = _data_config(config)
   source_info = data_lib.build_search_data(data_config, start_step=0)
   steps_per_epoch = source_info.steps_per_epoch
+  if not resumed:
+    # Stored once the data has loaded, so a run that fails on its input
+    # leaves no config behind to block a corrected rerun.
+    write_text_atomic(os.path.join(model_dir, CONFIG_FILE),
+                      config.to_json_string() + "\n")
+  if before_start is not None:
+    before_start()
+  if source_info.skipped_images:
+    logging.warning("Skipped %d corrupt images: %s",
+                    len(source_info.skipped_images),
+                    ", ".join(source_info.skipped_images[:10]))
   total_steps = steps_per_epoch * config.epochs
 
   with strategy.scope():
@@ -417,11 +438,11 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
       "train_size": source_info.train_size,
       "val_size": source_info.val_size,
       "steps_per_epoch": steps_per_epoch,
+      "skipped_images": list(source_info.skipped_images),
   })
 
   streams = (source_info.streams if start_step == 0 else
-             data_lib.build_search_data(data_config,
-                                        start_step=start_step).streams)
+             source_info.streams_from(start_step))
   iterator = iter(strategy.experimental_distribute_dataset(streams))
   writers = {
       "train": tf.summary.create_file_writer(

@@ -120,8 +120,10 @@ class SearchNetwork(keras.Model):
 
     def create(name, columns):
       shape = (num_edges, columns) if columns else (num_edges,)
+      # autocast=False: alpha, beta and their softmax stay float32 under
+      # mixed precision.
       self._arch[name] = self.add_weight(name=name, shape=shape,
-                                         initializer=init)
+                                         initializer=init, autocast=False)
 
     for cell_type in ("normal", "reduce"):
       create(f"alpha_{cell_type}", self.space.num_alpha_columns)
@@ -166,7 +168,7 @@ class SearchNetwork(keras.Model):
   def arch_numpy(self):
     """Return the current architecture weights as numpy arrays, by name."""
     return collections.OrderedDict(
-        (name, keras.ops.convert_to_numpy(v)) for name, v in self._arch.items())
+        (name, v.numpy()) for name, v in self._arch.items())
 
   def cell_weights(self, cell_type):
     """Softmaxed architecture weights of one cell type, split by source."""

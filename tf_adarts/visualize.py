@@ -60,16 +60,18 @@ def cell_png(entries, concat, title) -> bytes:
   Each kept edge is labelled with its operator and, for parametric
   operators, the activation.
   """
-  positions = {0: (0.0, 1.6), 1: (0.0, 0.4)}
-  for node in genotype_lib.INTERMEDIATE_NODES:
-    positions[node] = (1.2 * (node - 1), 1.0 + 0.5 * (-1) ** node)
+  # Inputs on the left, intermediate nodes on a descending staircase, the
+  # output on the right: edges rarely cross a node that way.
+  positions = {0: (0.0, 3.2), 1: (0.0, 0.8)}
+  for step, node in enumerate(genotype_lib.INTERMEDIATE_NODES):
+    positions[node] = (2.2 + 1.6 * step, 3.6 - 1.0 * step)
   output = max(genotype_lib.INTERMEDIATE_NODES) + 1
-  positions[output] = (1.2 * (output - 1), 1.0)
+  positions[output] = (positions[output - 1][0] + 1.8, 1.6)
   names = {0: "c_{k-2}", 1: "c_{k-1}", output: "c_{k}"}
   for node in genotype_lib.INTERMEDIATE_NODES:
     names[node] = str(node - 2)
 
-  figure, axes = plt.subplots(figsize=(9, 3.6))
+  figure, axes = plt.subplots(figsize=(10, 4.5))
   for position, entry in enumerate(entries):
     target = genotype_lib.node_of_entry(position)
     _draw_edge(axes, positions[entry.input], positions[target],
@@ -83,8 +85,8 @@ def cell_png(entries, concat, title) -> bytes:
         "#fdd0a2" if node == output else "#e5e5e5")
     axes.text(x, y, names[node], ha="center", va="center", fontsize=9,
               bbox=dict(boxstyle="round", facecolor=color))
-  axes.set_xlim(-0.5, positions[output][0] + 0.5)
-  axes.set_ylim(-0.2, 2.2)
+  axes.set_xlim(-0.6, positions[output][0] + 0.6)
+  axes.set_ylim(0.0, 4.2)
   axes.axis("off")
   axes.set_title(title, fontsize=10)
   return _png(figure)
@@ -94,10 +96,12 @@ def _draw_edge(axes, start, end, label):
   axes.annotate("", xy=end, xytext=start,
                 arrowprops=dict(arrowstyle="->", color="gray",
                                 shrinkA=12, shrinkB=12,
-                                connectionstyle="arc3,rad=0.15"))
+                                connectionstyle="arc3,rad=0.08"))
   if label:
-    middle = ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)
-    axes.text(middle[0], middle[1], label, ha="center", va="center",
+    # Near the target, where the edges into one node are apart.
+    where = (start[0] + 0.62 * (end[0] - start[0]),
+             start[1] + 0.62 * (end[1] - start[1]))
+    axes.text(where[0], where[1], label, ha="center", va="center",
               fontsize=6, color="#08519c",
               bbox=dict(boxstyle="square,pad=0.1", facecolor="white",
                         edgecolor="none", alpha=0.8))

@@ -74,8 +74,8 @@ _HELP = {
             "augmentation, RReLU slopes.",
     "deterministic": "Use deterministic ops (slower), so that a resumed run "
                      "ends exactly as an uninterrupted one.",
-    "mixed_precision": "Compute in float16 (for GPUs); alpha, beta and "
-                       "their softmax stay float32.",
+    "mixed_precision": "Compute in bfloat16 (for GPUs and TPUs); alpha, "
+                       "beta and their softmax stay float32.",
 }
 
 _PRESET = flags.DEFINE_enum(
