@@ -144,6 +144,24 @@ def latest_arch_weights(run_dir):
 # The run directory.
 
 
+def normalize_config(config):
+  """Return the config with its dataset and Config-A paths made absolute.
+
+  A run directory then reruns from any working directory, and a resume
+  from another one is not taken for a change of settings.
+  """
+  changes = {}
+  for prefix in ("folder:", "tfrecord:"):
+    if config.dataset.startswith(prefix):
+      path = config.dataset[len(prefix):]
+      changes["dataset"] = prefix + os.path.abspath(os.path.expanduser(path))
+  if config.space.startswith(CONFIG_A_PREFIX):
+    path = config.space[len(CONFIG_A_PREFIX):]
+    changes["space"] = CONFIG_A_PREFIX + os.path.abspath(
+        os.path.expanduser(path))
+  return config.replace(**changes)
+
+
 def _check_run_directory(config, model_dir):
   """Compare the config with the one stored in model_dir, if any.
 
@@ -378,6 +396,7 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
       other settings, or a non-finite loss (the last good checkpoint
       stays).
   """
+  config = normalize_config(config)
   _validate(config)
   strategy = strategy or tf.distribute.get_strategy()
   final_path = os.path.join(model_dir, GENOTYPE_FILE)

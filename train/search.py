@@ -151,7 +151,7 @@ def main(argv):
   if not _MODEL_DIR.value:
     raise app.UsageError("--model_dir is required: the run directory.")
   try:
-    config = resolve_config()
+    config = search.normalize_config(resolve_config())
   except ValueError as error:
     raise app.UsageError(str(error)) from None
 
