@@ -25,6 +25,11 @@ import tensorflow as tf
 _noise_seed = None
 
 
+def current_noise_seed():
+  """Return the seed of the enclosing `noise_seed` block, or None."""
+  return _noise_seed
+
+
 @contextlib.contextmanager
 def noise_seed(seed):
   """Seed the random activations called inside the block.
