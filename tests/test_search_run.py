@@ -111,6 +111,7 @@ def test_tensorboard_tags_written(finished_run):
       ("train", "beta_normal"), ("train", "beta_reduce"),
       ("train", "entropy/alpha_normal"), ("train", "entropy/beta_normal"),
       ("train", "skip_connect/normal"), ("train", "genotype"),
+      ("train", "genotype_params/cifar_36x20"),
   }
   assert expected - tags == set()
 

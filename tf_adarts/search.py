@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from tf_adarts import data as data_lib
 from tf_adarts import genotype as genotype_lib
+from tf_adarts import networks
 from tf_adarts import presets
 from tf_adarts import search_space
 from tf_adarts import supernet
@@ -297,6 +298,18 @@ def _column_labels(space, name):
           for op, act in space.alpha_candidates]
 
 
+def genotype_parameter_count(genotype, space):
+  """Return the parameters of the genotype's CIFAR retraining network.
+
+  The network has 36 channels, 20 cells and 10 classes, and the count
+  leaves out the auxiliary head, as the DARTS code counts it. A genotype
+  that drifts towards parameter-free cells shows as a falling count.
+  """
+  network = networks.NetworkCIFAR(genotype, num_classes=10, channels=36,
+                                  layers=20, auxiliary=False, space=space)
+  return networks.count_params(network)
+
+
 def _write_epoch_summaries(writer, network, genotype, step):
   """Write heatmaps, entropies, the skip count and the genotype as text."""
   weights = softmaxed_arch_weights(network)
@@ -311,6 +324,8 @@ def _write_epoch_summaries(writer, network, genotype, step):
       tf.summary.scalar(f"entropy/{name}", _entropy(value))
     skips = sum(1 for e in genotype.normal if e.op == "skip_connect")
     tf.summary.scalar("skip_connect/normal", skips)
+    tf.summary.scalar("genotype_params/cifar_36x20",
+                      genotype_parameter_count(genotype, network.space))
     tf.summary.text("genotype", "```\n" + genotype.to_json_string() + "\n```")
   writer.flush()
 
