@@ -63,6 +63,26 @@ def test_run_directory_files(finished_run):
 
 
 @pytest.mark.slow
+def test_checkpoint_restores_every_variable(finished_run):
+  model_dir, _ = finished_run
+  config = _tiny_config()
+  model = search.build_search_model(config, num_classes=10,
+                                    steps_per_epoch=4)
+  step = tf.Variable(0, dtype=tf.int64)
+  checkpoint = search.search_checkpoint(model, step)
+  latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+  checkpoint.restore(latest).assert_consumed()
+  assert int(step.numpy()) == 8
+
+  stored = json.loads((model_dir / "arch_weights" / "epoch_002.json")
+                      .read_text())
+  restored = search.softmaxed_arch_weights(model.network)
+  for name in ("alpha_normal", "beta_reduce"):
+    np.testing.assert_allclose(restored[name], stored[name], rtol=1e-5)
+  assert int(model.weight_optimizer.iterations.numpy()) == 8
+
+
+@pytest.mark.slow
 def test_final_genotype_matches_last_epoch(finished_run):
   model_dir, result = finished_run
   final = genotype_lib.load(model_dir / "genotype.json")

@@ -550,7 +550,14 @@ def _load_tfds_source(dataset: str, data_dir: Optional[str], download: bool,
 
   image_key, label_key = _tfds_image_and_label_keys(dataset, builder)
   if download:
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except Exception as error:  # Network and archive errors vary by source.
+      raise ValueError(
+          f"Downloading or preparing the TFDS dataset {dataset!r} failed: "
+          f"{error}. Check the network connection, or use --data_dir with "
+          f"a directory that holds it, or {FOLDER_PREFIX}PATH for images in "
+          "class folders.") from error
 
   missing_message = (
       f"the TFDS data of {dataset!r} is not in "

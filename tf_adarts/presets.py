@@ -124,10 +124,10 @@ SEARCH_PRESETS = {
     # The non-factorized baseline: one softmax over 40 combined operators.
     "non_factorized_cifar10": _CIFAR10.replace(space="non_factorized"),
     # A small search that finishes in a few minutes on 2 CPU cores: 1,024
-    # training images, 5 cells of C = 8, 2 epochs of 16 steps.
+    # training images, 5 cells of C = 8, 2 epochs of 16 steps. It may download CIFAR-10 through TFDS, so that it runs as it is.
     "cpu_smoke": _CIFAR10.replace(
         max_train_examples=1024, channels=8, layers=5, epochs=2,
-        batch_size=32),
+        batch_size=32, download=True),
     # The smallest useful search, for tests: 128 images, 3 cells of C = 4,
     # 2 epochs of 4 steps.
     "tiny": _CIFAR10.replace(

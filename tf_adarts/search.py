@@ -155,6 +155,10 @@ def normalize_config(config):
   for prefix in ("folder:", "tfrecord:"):
     if config.dataset.startswith(prefix):
       path = config.dataset[len(prefix):]
+      if not path.strip():
+        raise SearchError(
+            f"dataset={config.dataset!r} has no path; give "
+            f"{prefix}PATH.")
       changes["dataset"] = prefix + os.path.abspath(os.path.expanduser(path))
   if config.space.startswith(CONFIG_A_PREFIX):
     path = config.space[len(CONFIG_A_PREFIX):]
@@ -179,9 +183,10 @@ def _check_run_directory(config, model_dir):
   if differences:
     raise SearchError(
         f"{model_dir} contains a search with other settings, so it cannot be "
-        "resumed with these. Use a new --model_dir, or rerun with the stored "
-        f"flags ({model_dir}/flags.txt). Differences (stored -> "
-        "requested):\n  " + "\n  ".join(differences))
+        "resumed with these. Use a new run directory, or rerun with the "
+        f"stored settings ({model_dir}/config.json; the binary also writes "
+        f"{model_dir}/flags.txt). Differences (stored -> requested):\n  "
+        + "\n  ".join(differences))
   return True
 
 
@@ -333,6 +338,22 @@ def _write_epoch_summaries(writer, network, genotype, step):
 # The loop.
 
 
+def search_checkpoint(model, step_variable):
+  """Return the tf.train.Checkpoint of a search: every variable it needs.
+
+  The network's variables are listed explicitly: with Keras 3.15 on
+  TensorFlow 2.21 a checkpoint of the network object tracks only the
+  variables it owns directly, not those of layers kept in Python lists
+  (the cells), so a resumed search would restart them from scratch. The
+  list order is fixed by the network's structure, which config.json pins.
+  """
+  return tf.train.Checkpoint(
+      network_variables=list(model.network.variables),
+      weight_optimizer=model.weight_optimizer,
+      alpha_optimizer=model.alpha_optimizer,
+      beta_optimizer=model.beta_optimizer, step=step_variable)
+
+
 def _make_train_function(model, strategy):
 
   @tf.function
@@ -449,10 +470,7 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
     step_variable = tf.Variable(0, dtype=tf.int64, trainable=False,
                                 name="step")
   network = model.network
-  checkpoint = tf.train.Checkpoint(
-      network=network, weight_optimizer=model.weight_optimizer,
-      alpha_optimizer=model.alpha_optimizer,
-      beta_optimizer=model.beta_optimizer, step=step_variable)
+  checkpoint = search_checkpoint(model, step_variable)
   manager = tf.train.CheckpointManager(
       checkpoint, os.path.join(model_dir, "checkpoints"),
       max_to_keep=keep_checkpoints, step_counter=step_variable)

@@ -16,7 +16,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from tf_adarts import presets
 from tf_adarts import search
@@ -152,7 +151,7 @@ def main(argv):
     raise app.UsageError("--model_dir is required: the run directory.")
   try:
     config = search.normalize_config(resolve_config())
-  except ValueError as error:
+  except (ValueError, search.SearchError) as error:
     raise app.UsageError(str(error)) from None
 
   model_dir = _MODEL_DIR.value
@@ -164,10 +163,15 @@ def main(argv):
         summary_every_steps=_SUMMARY_EVERY_STEPS.value,
         before_start=lambda: search.write_text_atomic(
             os.path.join(model_dir, "flags.txt"), flagfile_text(config)))
-  except (search.SearchError, ValueError) as error:
-    logging.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
+  except (search.SearchError, ValueError, KeyError) as error:
+    message = error.args[0] if isinstance(error, KeyError) else error
+    print(f"error: {message}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"Interrupted. Run the same command to resume {model_dir} from its "
+          "latest checkpoint (saved every --checkpoint_every_steps steps and "
+          "at each epoch end).", file=sys.stderr)
+    return 130
 
   if result.already_finished:
     print(f"The search in {model_dir} has already finished; its genotype is "
