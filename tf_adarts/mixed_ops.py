@@ -142,18 +142,12 @@ class MixedOp(keras.layers.Layer):
     if self.space.kind == search_space_lib.FIXED:
       return self._per_edge(outputs[0])
 
-    shared = [k for k, y in enumerate(outputs)
-              if y.shape[-1] == self.op_channels]
-    per_edge = [k for k, y in enumerate(outputs)
-                if y.shape[-1] != self.op_channels]
-
+    # A multiply-add per activation, not an einsum: the gradient of an
+    # einsum over the activations was not reproducible between runs on
+    # this CPU (oneDNN, TensorFlow 2.21), even with op determinism on.
     mixture = None
-    if shared:
-      stacked = tf.stack([outputs[k] for k in shared], axis=-1)
-      weights = tf.gather(activation_weights, shared, axis=1)
-      mixture = tf.einsum("nhwck,ek->nhwec", stacked, weights)
-    for k in per_edge:
-      term = (self._edge_major(outputs[k], self.op_channels)
+    for k, y in enumerate(outputs):
+      term = (self._edge_major(y, self.op_channels)
               * activation_weights[:, k:k + 1])
       mixture = term if mixture is None else mixture + term
 
