@@ -58,3 +58,18 @@ def load_cifar10_images(split="train", count=512, seed=0):
       tf.io.decode_jpeg(tf.io.read_file(files[i]), channels=3).numpy()
       for i in order]).astype(np.float32) / 255.0
   return images, np.asarray([labels[i] for i in order], np.int32)
+
+
+_TWO_REPLICAS = []
+
+
+def two_replica_strategy():
+  """Return one MirroredStrategy over the two logical CPUs, shared by tests.
+
+  Each MirroredStrategy numbers its collective operations from the same
+  start, so a second strategy over the same devices in one process collides
+  with the first one's ("Shape mismatch in the collective instance").
+  """
+  if not _TWO_REPLICAS:
+    _TWO_REPLICAS.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+  return _TWO_REPLICAS[0]

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import cifar10_dir
+from conftest import cifar10_dir, two_replica_strategy
 from tf_adarts import data
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
@@ -450,7 +450,7 @@ def test_tfrecord_stream_epochs_shuffled(tfrecord_files):
 
 
 def test_streams_feed_two_replicas(cifar_source, small_subsets):
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = two_replica_strategy()
   streams = _cifar_streams(cifar_source, small_subsets)
   (images, _), _ = next(iter(strategy.experimental_distribute_dataset(streams)))
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT, cifar10_dir
+from conftest import REPO_ROOT, cifar10_dir, two_replica_strategy
 from tf_adarts import retrain
 from tf_adarts import retrain_data
 
@@ -313,7 +313,7 @@ def test_binary_flagfile_reruns(small_cifar, tmp_path):
 
 
 def test_mirrored_retrain_finishes(small_cifar, tmp_path):
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = two_replica_strategy()
   result = retrain.run_retrain(_tiny_config(small_cifar, epochs=1),
                                str(tmp_path / "run"), strategy=strategy,
                                verbose=0)

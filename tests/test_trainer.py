@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import two_replica_strategy
 from tf_adarts import search_space
 from tf_adarts import supernet
 from tf_adarts import trainer
@@ -229,7 +230,7 @@ def test_train_step_in_tf_function():
 
 @pytest.mark.slow
 def test_fit_under_mirrored_strategy():
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = two_replica_strategy()
   with strategy.scope():
     model = _model(space=search_space.get_space("fixed:relu"))
   history = model.fit(_pair_dataset(2, batch=8), epochs=1, verbose=0)
@@ -243,7 +244,7 @@ def test_fit_under_mirrored_strategy():
 
 @pytest.mark.slow
 def test_custom_loop_with_strategy_run():
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = two_replica_strategy()
   with strategy.scope():
     model = _model(space=search_space.get_space("fixed:relu"))
   dataset = strategy.experimental_distribute_dataset(_pair_dataset(2))
