@@ -19,6 +19,7 @@ import tensorflow as tf
 from conftest import REPO_ROOT, cifar10_dir, two_replica_strategy
 from tf_adarts import retrain
 from tf_adarts import retrain_data
+from tf_adarts import trainer
 
 _TRAIN_PER_CLASS = 8
 _TEST_PER_CLASS = 4
@@ -176,7 +177,7 @@ def test_unknown_preset_rejected():
 def test_coupled_weight_decay():
   variable = tf.Variable([2.0, -4.0])
   optimizer = tf.keras.optimizers.SGD(learning_rate=1.0, momentum=0.0)
-  retrain.apply_coupled_gradients(optimizer, [tf.constant([0.5, 0.5])],
+  trainer.apply_coupled_gradients(optimizer, [tf.constant([0.5, 0.5])],
                                   [variable], decay=0.1)
   # v - lr * (g + decay * v): 2 - (0.5 + 0.2), -4 - (0.5 - 0.4).
   np.testing.assert_allclose(variable.numpy(), [1.3, -4.1], rtol=1e-6)
@@ -185,7 +186,7 @@ def test_coupled_weight_decay():
 def test_clip_before_decay():
   variable = tf.Variable([1.0, 1.0])
   optimizer = tf.keras.optimizers.SGD(learning_rate=1.0, momentum=0.0)
-  retrain.apply_coupled_gradients(optimizer, [tf.constant([3.0, 4.0])],
+  trainer.apply_coupled_gradients(optimizer, [tf.constant([3.0, 4.0])],
                                   [variable], decay=0.5, clip_norm=1.0)
   # The gradient [3, 4] is clipped to [0.6, 0.8], then 0.5 * v is added.
   np.testing.assert_allclose(variable.numpy(), [-0.1, -0.3], rtol=1e-6)

@@ -38,6 +38,7 @@ from tf_adarts import genotype as genotype_lib
 from tf_adarts import networks
 from tf_adarts import retrain_data
 from tf_adarts import search
+from tf_adarts import trainer
 
 CONFIG_FILE = "config.json"
 META_FILE = "run_meta.json"
@@ -301,34 +302,6 @@ def learning_rate_schedule(config: RetrainConfig, steps_per_epoch: int):
       warmup_target=config.learning_rate, warmup_steps=warmup_steps)
 
 
-def apply_coupled_gradients(optimizer, gradients, variables, decay,
-                            clip_norm=None):
-  """Sum across replicas, clip by global norm, add decay * v, apply.
-
-  This follows `trainer.SearchModel._apply`: the gradients are summed across
-  replicas before clipping and decay, and then divided by the replica
-  count, because Keras's optimizers sum across replicas again. Every
-  replica thus applies the same update. Variables without a gradient are
-  left alone.
-  """
-  pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
-  if not pairs:
-    return
-  gradients = [g for g, _ in pairs]
-  variables = [v for _, v in pairs]
-  replicas = tf.distribute.get_strategy().num_replicas_in_sync
-  context = tf.distribute.get_replica_context()
-  if replicas > 1 and context is not None:
-    gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-  if clip_norm:
-    gradients, _ = tf.clip_by_global_norm(gradients, clip_norm)
-  if decay:
-    gradients = [g + decay * v for g, v in zip(gradients, variables)]
-  if replicas > 1:
-    gradients = [g / replicas for g in gradients]
-  optimizer.apply_gradients(zip(gradients, variables))
-
-
 def smoothed_cross_entropy(labels, logits, num_classes, label_smoothing):
   """Per-example cross entropy against one-hot labels with smoothing."""
   targets = tf.one_hot(labels, num_classes, dtype=tf.float32)
@@ -391,7 +364,7 @@ class RetrainStep:
     with tf.GradientTape() as tape:
       loss, logits = self.loss(images, labels, self.noise_seed())
     gradients = tape.gradient(loss, variables)
-    apply_coupled_gradients(self.optimizer, gradients, variables,
+    trainer.apply_coupled_gradients(self.optimizer, gradients, variables,
                             self.weight_decay, self.clip_norm)
     logits = tf.cast(logits, tf.float32)
     return {

@@ -53,6 +53,34 @@ def cifar_search_optimizers(steps_per_epoch, epochs=25, learning_rate=0.05,
   return weights, alpha, beta
 
 
+def apply_coupled_gradients(optimizer, gradients, variables, decay,
+                            clip_norm=None):
+  """Sum across replicas, clip by global norm, add decay * v, then apply.
+
+  The gradients are divided by the replica count before the optimizer sees
+  them, because Keras's optimizers sum across replicas again, so every
+  replica applies the same update. A variable outside the loss's graph
+  (alpha_normal in a network whose cells are all reduction cells) has no
+  gradient and is left alone.
+  """
+  pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+  if not pairs:
+    return
+  gradients = [g for g, _ in pairs]
+  variables = [v for _, v in pairs]
+  replicas = _num_replicas()
+  context = tf.distribute.get_replica_context()
+  if replicas > 1 and context is not None:
+    gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+  if clip_norm:
+    gradients, _ = tf.clip_by_global_norm(gradients, clip_norm)
+  if decay:
+    gradients = [g + decay * v for g, v in zip(gradients, variables)]
+  if replicas > 1:
+    gradients = [g / replicas for g in gradients]
+  optimizer.apply_gradients(zip(gradients, variables))
+
+
 def _num_replicas():
   return tf.distribute.get_strategy().num_replicas_in_sync
 
@@ -179,26 +207,7 @@ class SearchModel(keras.Model):
     return tf.nn.compute_average_loss(per_example), logits
 
   def _apply(self, optimizer, gradients, variables, decay, clip_norm=None):
-    """Reduce across replicas, clip, add coupled decay, apply."""
-    # A variable outside the loss's graph (alpha_normal in a network whose
-    # cells are all reduction cells) has no gradient and is left alone.
-    pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
-    if not pairs:
-      return
-    gradients = [g for g, _ in pairs]
-    variables = [v for _, v in pairs]
-    replicas = _num_replicas()
-    context = tf.distribute.get_replica_context()
-    if replicas > 1 and context is not None:
-      gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-    if clip_norm:
-      gradients, _ = tf.clip_by_global_norm(gradients, clip_norm)
-    if decay:
-      gradients = [g + decay * v for g, v in zip(gradients, variables)]
-    if replicas > 1:
-      # The optimizer sums the gradients across replicas again.
-      gradients = [g / replicas for g in gradients]
-    optimizer.apply_gradients(zip(gradients, variables))
+    apply_coupled_gradients(optimizer, gradients, variables, decay, clip_norm)
 
   def _forward_backward(self, images, labels, noise_seed):
     """Loss, logits and the gradient of every trainable network variable."""
