@@ -56,7 +56,7 @@ class SearchConfig:
 
   # Reproducibility.
   seed: int = 0
-  deterministic: bool = False  # tf.config.experimental.enable_op_determinism.
+  deterministic: bool = False  # determinism.enable_determinism().
   mixed_precision: bool = False  # bfloat16 compute; alpha, beta float32.
 
   def replace(self, **changes) -> "SearchConfig":

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_adarts import data as data_lib
+from tf_adarts import determinism
 from tf_adarts import flops as flops_lib
 from tf_adarts import genotype as genotype_lib
 from tf_adarts import networks
@@ -92,7 +93,7 @@ class RetrainConfig:
 
   # Reproducibility.
   seed: int = 0
-  deterministic: bool = False  # tf.config.experimental.enable_op_determinism.
+  deterministic: bool = False  # determinism.enable_determinism().
   mixed_precision: bool = False  # bfloat16 compute, float32 variables.
 
   def replace(self, **changes) -> "RetrainConfig":
@@ -600,7 +601,7 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
                          metrics=_read_json(result_path))
 
   if config.deterministic:
-    tf.config.experimental.enable_op_determinism()
+    determinism.enable_determinism()
   keras.utils.set_random_seed(config.seed)
 
   try:

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_adarts import data as data_lib
+from tf_adarts import determinism
 from tf_adarts import genotype as genotype_lib
 from tf_adarts import networks
 from tf_adarts import presets
@@ -444,7 +445,7 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
                         resumed=True, already_finished=True)
 
   if config.deterministic:
-    tf.config.experimental.enable_op_determinism()
+    determinism.enable_determinism()
   keras.utils.set_random_seed(config.seed)
 
   space, frozen_beta = resolve_space(config.space)

@@ -71,8 +71,10 @@ _HELP = {
     "warmup_epochs": "Epochs at the start that train only the weights.",
     "seed": "Seed of every random draw: initialization, split, data order, "
             "augmentation, RReLU slopes.",
-    "deterministic": "Use deterministic ops (slower), so that a resumed run "
-                     "ends exactly as an uninterrupted one.",
+    "deterministic": "Use deterministic ops and turn TensorFlow's graph "
+                     "optimizer (Grappler) off, so that two runs with one "
+                     "seed, and a resumed run, end bit for bit alike. "
+                     "Default: off.",
     "mixed_precision": "Compute in bfloat16 (for GPUs and TPUs); alpha, "
                        "beta and their softmax stay float32.",
 }
