@@ -73,3 +73,26 @@ def two_replica_strategy():
   if not _TWO_REPLICAS:
     _TWO_REPLICAS.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
   return _TWO_REPLICAS[0]
+
+
+def link_cifar10_subset(root: pathlib.Path, per_class: dict) -> pathlib.Path:
+  """Build a folder dataset of symbolic links to real CIFAR-10 images.
+
+  Args:
+    root: the folder to create; it receives SPLIT/CLASS/*.jpg.
+    per_class: images per class for each split, e.g. {"train": 8}.
+
+  Returns:
+    root.
+  """
+  for split, count in per_class.items():
+    split_dir = cifar10_dir() / split
+    if not split_dir.is_dir():
+      pytest.fail(f"CIFAR-10 images not found at {split_dir}; set "
+                  "TF_ADARTS_SHARED to the folder that holds data/cifar10.")
+    for class_dir in sorted(split_dir.iterdir()):
+      target = root / split / class_dir.name
+      target.mkdir(parents=True)
+      for path in sorted(class_dir.glob("*.jpg"))[:count]:
+        os.symlink(path, target / path.name)
+  return root

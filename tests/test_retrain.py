@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT, cifar10_dir, two_replica_strategy
+from conftest import REPO_ROOT, link_cifar10_subset, two_replica_strategy
 from tf_adarts import retrain
 from tf_adarts import retrain_data
 from tf_adarts import trainer
@@ -30,18 +30,9 @@ _STEPS_PER_EPOCH = 64 // 16
 @pytest.fixture(scope="module")
 def small_cifar(tmp_path_factory):
   """A folder dataset of symbolic links to a few real CIFAR-10 images."""
-  root = tmp_path_factory.mktemp("cifar_small")
-  for split, count in (("train", _TRAIN_PER_CLASS), ("test", _TEST_PER_CLASS)):
-    split_dir = cifar10_dir() / split
-    if not split_dir.is_dir():
-      pytest.fail(f"CIFAR-10 images not found at {split_dir}; set "
-                  "TF_ADARTS_SHARED to the folder that holds data/cifar10.")
-    for class_dir in sorted(split_dir.iterdir()):
-      target = root / split / class_dir.name
-      target.mkdir(parents=True)
-      for path in sorted(class_dir.glob("*.jpg"))[:count]:
-        os.symlink(path, target / path.name)
-  return root
+  return link_cifar10_subset(tmp_path_factory.mktemp("cifar_small"),
+                             {"train": _TRAIN_PER_CLASS,
+                              "test": _TEST_PER_CLASS})
 
 
 def _tiny_config(data_root, **changes):

@@ -1,0 +1,1 @@
+"""Binaries that export retrained networks for TF-Serving and query a server."""
