@@ -22,6 +22,7 @@ statistics. This keeps the graph small, and graph size, not arithmetic,
 dominates the time to trace a supernet.
 """
 
+import contextlib
 import math
 
 import keras
@@ -29,6 +30,28 @@ import tensorflow as tf
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention: weight of the new batch statistics.
+
+# Whether batch norms built now synchronize their batch statistics across
+# replicas; see `synchronized_batch_norm`.
+_sync_batch_norm = False
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled: bool = True):
+  """Build the batch norms created inside the block as synchronized ones.
+
+  A synchronized batch norm computes its training-time mean and variance
+  over the global batch (all replicas) instead of each replica's part, so
+  that N replicas compute what one device computes on the whole batch.
+  Outside a multi-replica strategy it is the plain batch norm.
+  """
+  global _sync_batch_norm
+  previous = _sync_batch_norm
+  _sync_batch_norm = enabled
+  try:
+    yield
+  finally:
+    _sync_batch_norm = previous
 
 
 def _uniform_init(fan_in: int):
@@ -65,6 +88,7 @@ class BatchNorm(Op):
     self.affine = affine
     self.momentum = momentum
     self.epsilon = epsilon
+    self.synchronized = _sync_batch_norm
     if affine:
       # Batch norm's scale, offset and statistics stay float32 under mixed
       # precision, as FusedBatchNormV3 expects.
@@ -101,6 +125,11 @@ class BatchNorm(Op):
           data_format="NHWC", is_training=False)
       return y
 
+    context = tf.distribute.get_replica_context()
+    if (self.synchronized and context is not None
+        and context.num_replicas_in_sync > 1):
+      return self._synchronized_call(x, scale, offset, context)
+
     # With exponential_avg_factor the op returns the updated running
     # averages (the variance with Bessel's correction, as PyTorch keeps it).
     y, new_mean, new_variance, *_ = tf.raw_ops.FusedBatchNormV3(
@@ -111,6 +140,36 @@ class BatchNorm(Op):
     self.moving_mean.assign(new_mean)
     self.moving_variance.assign(new_variance)
     return y
+
+  def _synchronized_call(self, x, scale, offset, context):
+    """Normalize with the mean and variance of the global batch.
+
+    Two all-reduces: the sums give the mean, then the squared deviations
+    from it give the variance (more accurate than E[x^2] - E[x]^2).
+    """
+    values = tf.cast(x, tf.float32)
+    axes = [0, 1, 2]
+    local_count = tf.cast(tf.reduce_prod(tf.shape(values)[:3]), tf.float32)
+    sums = context.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        tf.concat([tf.reduce_sum(values, axes), [local_count]], axis=0))
+    count = sums[-1]
+    mean = sums[:-1] / count
+    squares = context.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        tf.reduce_sum(tf.square(values - mean), axes))
+    variance = squares / count
+    y = tf.nn.batch_normalization(values, mean, variance, offset, scale,
+                                  self.epsilon)
+
+    unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+    self.moving_mean.assign(
+        (1.0 - self.momentum) * self.moving_mean.value
+        + self.momentum * tf.stop_gradient(mean))
+    self.moving_variance.assign(
+        (1.0 - self.momentum) * self.moving_variance.value
+        + self.momentum * tf.stop_gradient(unbiased))
+    return tf.cast(y, x.dtype)
 
 
 def depthwise_conv(x, kernel, stride=1, dilation=1):

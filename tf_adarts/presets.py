@@ -58,6 +58,8 @@ class SearchConfig:
   seed: int = 0
   deterministic: bool = False  # determinism.enable_determinism().
   mixed_precision: bool = False  # bfloat16 compute; alpha, beta float32.
+  # Batch-norm statistics over the global batch under several replicas.
+  sync_batch_norm: bool = False
 
   def replace(self, **changes) -> "SearchConfig":
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

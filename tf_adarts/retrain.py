@@ -24,6 +24,7 @@ path and RReLU draws follow from the seed and the step.
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -34,9 +35,11 @@ import tensorflow as tf
 
 from tf_adarts import data as data_lib
 from tf_adarts import determinism
+from tf_adarts import distribute
 from tf_adarts import flops as flops_lib
 from tf_adarts import genotype as genotype_lib
 from tf_adarts import networks
+from tf_adarts import operations
 from tf_adarts import retrain_data
 from tf_adarts import search
 from tf_adarts import trainer
@@ -95,6 +98,8 @@ class RetrainConfig:
   seed: int = 0
   deterministic: bool = False  # determinism.enable_determinism().
   mixed_precision: bool = False  # bfloat16 compute, float32 variables.
+  # Batch-norm statistics over the global batch under several replicas.
+  sync_batch_norm: bool = False
 
   def replace(self, **changes) -> "RetrainConfig":
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -592,8 +597,13 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
   _validate(config)
   genotype = resolve_genotype(config.genotype)
   strategy = strategy or tf.distribute.get_strategy()
-  resumed = _check_run_directory(config, model_dir)
   result_path = os.path.join(model_dir, RESULT_FILE)
+  chief_dir = model_dir
+  if not distribute.is_chief(strategy):
+    # Every worker saves checkpoints (the saving is collective), but only
+    # the chief's go to model_dir; the others write a scratch copy.
+    model_dir = distribute.worker_directory(chief_dir, strategy)
+  resumed = _check_run_directory(config, model_dir)
   if os.path.exists(result_path):
     logging.info("The retrain in %s has finished; see %s.", model_dir,
                  result_path)
@@ -621,7 +631,8 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
   total_steps = steps_per_epoch * config.epochs
   channels = _choose_channels(config, genotype, data.num_classes)
 
-  with strategy.scope():
+  with strategy.scope(), operations.synchronized_batch_norm(
+      config.sync_batch_norm):
     network = build_network(genotype, config.network, data.num_classes,
                             channels, config.layers, config.auxiliary,
                             config.activation_override,
@@ -732,6 +743,10 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
     writer.flush()
   metrics = dict(epoch_metrics, steps=step,
                  seconds_this_session=round(time.time() - started, 1))
+  if model_dir != chief_dir:
+    shutil.rmtree(model_dir, ignore_errors=True)
+    logging.info("Worker finished; the chief writes %s.", result_path)
+    return RetrainResult(chief_dir, step, resumed, False, metrics)
   search.write_text_atomic(result_path,
                            json.dumps(metrics, indent=2, sort_keys=True) + "\n")
   logging.info("Retrain finished: %s", result_path)

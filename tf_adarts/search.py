@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Optional
@@ -35,8 +36,10 @@ import tensorflow as tf
 
 from tf_adarts import data as data_lib
 from tf_adarts import determinism
+from tf_adarts import distribute
 from tf_adarts import genotype as genotype_lib
 from tf_adarts import networks
+from tf_adarts import operations
 from tf_adarts import presets
 from tf_adarts import search_space
 from tf_adarts import supernet
@@ -437,6 +440,11 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
   _validate(config)
   strategy = strategy or tf.distribute.get_strategy()
   final_path = os.path.join(model_dir, GENOTYPE_FILE)
+  chief_dir = model_dir
+  if not distribute.is_chief(strategy):
+    # Every worker saves checkpoints (the saving is collective), but only
+    # the chief's go to model_dir; the others write a scratch copy.
+    model_dir = distribute.worker_directory(chief_dir, strategy)
   resumed = _check_run_directory(config, model_dir)
   if os.path.exists(final_path):
     logging.info("The search in %s has finished; its genotype is %s.",
@@ -465,7 +473,8 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
                     ", ".join(source_info.skipped_images[:10]))
   total_steps = steps_per_epoch * config.epochs
 
-  with strategy.scope():
+  with strategy.scope(), operations.synchronized_batch_norm(
+      config.sync_batch_norm):
     model = build_search_model(config, source_info.num_classes,
                                steps_per_epoch, frozen_beta, space)
     step_variable = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -543,6 +552,12 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
     _end_epoch(model_dir, network, writers["train"], epoch, step)
 
   genotype = network.genotype()
+  if model_dir != chief_dir:
+    # A non-chief worker: its genotype equals the chief's, which the chief
+    # writes. The scratch copy goes.
+    shutil.rmtree(model_dir, ignore_errors=True)
+    logging.info("Worker finished; the chief writes %s.", final_path)
+    return SearchResult(genotype, chief_dir, step, resumed, False)
   _write_cell_drawings(model_dir, genotype)
   genotype.save(final_path)
   logging.info("Search finished: %s", final_path)

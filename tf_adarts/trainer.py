@@ -239,12 +239,26 @@ class SearchModel(keras.Model):
     that an update leaves unused once it inlines the call.
     """
     if self._traced_pass is None:
-      self._traced_pass = tf.function(self._forward_backward)
+      self._traced_pass = (self._forward_backward
+                           if self._synchronizes_across_replicas()
+                           else tf.function(self._forward_backward))
     loss, logits, gradients = self._traced_pass(
         images, labels, self._noise_seed(pass_index))
     position = {id(v): k
                 for k, v in enumerate(self.network.trainable_variables)}
     return loss, logits, [gradients[position[id(v)]] for v in variables]
+
+  def _synchronizes_across_replicas(self):
+    """Whether a pass all-reduces inside the network (synchronized BN).
+
+    A cross-replica call cannot run inside a nested tf.function under
+    MirroredStrategy, so such a network's pass is traced inline, once per
+    update, at the cost of a longer start-up.
+    """
+    if _num_replicas() == 1:
+      return False
+    return any(getattr(layer, "synchronized", False)
+               for layer in self.network._flatten_layers())  # pylint: disable=protected-access
 
   def weight_step(self, images, labels):
     """Take one SGD step of the network weights on a training batch."""

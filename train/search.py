@@ -19,6 +19,7 @@ from absl import flags
 
 from tf_adarts import presets
 from tf_adarts import search
+from train import distribution_flags
 
 # Help text per SearchConfig field: what it sets, with its unit.
 _HELP = {
@@ -73,10 +74,12 @@ _HELP = {
             "augmentation, RReLU slopes.",
     "deterministic": "Use deterministic ops and turn TensorFlow's graph "
                      "optimizer (Grappler) off, so that two runs with one "
-                     "seed, and a resumed run, end bit for bit alike. "
-                     "Default: off.",
+                     "seed, and a resumed run, end bit for bit alike.",
     "mixed_precision": "Compute in bfloat16 (for GPUs and TPUs); alpha, "
                        "beta and their softmax stay float32.",
+    "sync_batch_norm": "Synchronized batch norm: with several replicas, "
+                       "the batch statistics cover the global batch instead "
+                       "of each replica's part.",
 }
 
 _PRESET = flags.DEFINE_enum(
@@ -127,7 +130,8 @@ def resolve_config():
   changes = {field.name: FLAGS[field.name].value
              for field in dataclasses.fields(presets.SearchConfig)
              if FLAGS[field.name].present}
-  return config.replace(**changes)
+  return distribution_flags.scale_learning_rates(config,
+                                                 config.replace(**changes))
 
 
 def flagfile_text(config):
@@ -143,6 +147,7 @@ def flagfile_text(config):
       lines.append(f"--{field.name}={value}")
   for name in _RUN_FLAGS:
     lines.append(f"--{name}={FLAGS[name].value}")
+  lines.extend(distribution_flags.flagfile_lines())
   return "\n".join(lines) + "\n"
 
 
@@ -151,6 +156,11 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not _MODEL_DIR.value:
     raise app.UsageError("--model_dir is required: the run directory.")
+  # First: a multi-worker strategy must exist before any TensorFlow op.
+  try:
+    strategy = distribution_flags.strategy_from_flags()
+  except (ValueError, RuntimeError) as error:
+    raise app.UsageError(str(error)) from None
   try:
     config = search.normalize_config(resolve_config())
   except (ValueError, search.SearchError) as error:
@@ -162,6 +172,7 @@ def main(argv):
         config, model_dir,
         checkpoint_every_steps=_CHECKPOINT_EVERY_STEPS.value or None,
         keep_checkpoints=_KEEP_CHECKPOINTS.value, verbose=_VERBOSE.value,
+        strategy=strategy,
         summary_every_steps=_SUMMARY_EVERY_STEPS.value,
         before_start=lambda: search.write_text_atomic(
             os.path.join(model_dir, "flags.txt"), flagfile_text(config)))
