@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Three tri-level steps from one seed, run twice in the process from the
@@ -65,6 +67,7 @@ def _result(process):
   return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_deterministic_step_repeats_exactly():
   processes = [_start(), _start()]
   first, second = [_result(p) for p in processes]

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from conftest import (REPO_ROOT, link_cifar10_subset, load_cifar10_images,
                       two_replica_strategy)
+from tf_adarts import activations
 from tf_adarts import distribute
 from tf_adarts import genotype as genotype_lib
 from tf_adarts import operations
@@ -89,6 +90,7 @@ def search_pair():
   return single, mirrored, strategy
 
 
+@pytest.mark.slow
 def test_search_two_replicas_match_one(search_pair):
   single, mirrored, _ = search_pair
   assert int(single.weight_optimizer.iterations.numpy()) == _STEPS
@@ -103,6 +105,7 @@ def test_search_two_replicas_match_one(search_pair):
                                err_msg=a.path)
 
 
+@pytest.mark.slow
 def test_search_alpha_moved(search_pair):
   # Guards the test above against comparing two untrained networks.
   single, _, _ = search_pair
@@ -110,6 +113,7 @@ def test_search_alpha_moved(search_pair):
   assert np.max(np.abs(alpha - alpha.mean())) > 0
 
 
+@pytest.mark.slow
 def test_replica_alpha_copies_agree(search_pair):
   _, mirrored, strategy = search_pair
   for name, variable in mirrored.network.arch_variables.items():
@@ -119,6 +123,7 @@ def test_replica_alpha_copies_agree(search_pair):
                                   err_msg=name)
 
 
+@pytest.mark.slow
 def test_synchronized_statistics_match(search_pair):
   single, mirrored, strategy = search_pair
   means = [v for v in single.network.variables if "moving_mean" in v.path]
@@ -146,6 +151,7 @@ def _retrain_step(strategy):
   return network, step
 
 
+@pytest.mark.slow
 def test_retrain_two_replicas_match_one():
   images, labels = _batches(_GLOBAL_BATCH * _STEPS, seed=4)
   dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(
@@ -246,6 +252,7 @@ def _final_genotype_line(stderr):
   return lines[-1].split("genotype:", 1)[1].strip()
 
 
+@pytest.mark.slow
 def test_multi_worker_search(tmp_path):
   data_root = link_cifar10_subset(tmp_path / "cifar_small", {"train": 13})
   model_dir = tmp_path / "run"
@@ -282,6 +289,7 @@ def test_multi_worker_search(tmp_path):
       (model_dir / ".workers").iterdir())
 
 
+@pytest.mark.slow
 def test_search_binary_two_cpu_devices(tmp_path):
   data_root = link_cifar10_subset(tmp_path / "cifar_small", {"train": 13})
   model_dir = tmp_path / "run"
@@ -302,3 +310,25 @@ def test_search_binary_two_cpu_devices(tmp_path):
   flag_lines = (model_dir / "flags.txt").read_text().splitlines()
   assert "--strategy=mirrored" in flag_lines
   assert "--cpu_devices=2" in flag_lines
+
+
+def test_noise_seed_stays_in_replica_threads():
+  strategy = two_replica_strategy()
+  layer = activations.RReLU(channels=4)
+  images = tf.random.stateless_normal([2, 3, 3, 4], seed=[0, 1])
+
+  @tf.function
+  def run():
+    def replica_pass():
+      with activations.noise_seed(tf.constant([5, 6])):
+        # A cross-replica call makes both threads enter the block before
+        # either leaves it, as a synchronized batch norm does.
+        total = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, images)
+        return layer(total, training=True)
+    return strategy.run(replica_pass)
+
+  run()
+  assert activations.current_noise_seed() is None
+  # An eager call afterwards must not find a seed tensor of the traced graph.
+  assert layer(images, training=True).shape == images.shape

@@ -32,6 +32,7 @@ def finished_pipeline(tmp_path_factory):
   return work_dir, data_root, completed
 
 
+@pytest.mark.slow
 def test_pipeline_writes_every_stage(finished_pipeline):
   work_dir, _, completed = finished_pipeline
   assert completed.returncode == 0, completed.stderr[-3000:]
@@ -44,6 +45,7 @@ def test_pipeline_writes_every_stage(finished_pipeline):
   assert state["export_dir"] == str(work_dir / "export" / "adarts" / "1")
 
 
+@pytest.mark.slow
 def test_pipeline_prints_predictions(finished_pipeline):
   work_dir, _, completed = finished_pipeline
   rows = json.loads((work_dir / "predictions.json").read_text())
@@ -57,6 +59,7 @@ def test_pipeline_prints_predictions(finished_pipeline):
   assert "top-1 on these 6 images" in completed.stdout
 
 
+@pytest.mark.slow
 def test_rerun_keeps_one_version(finished_pipeline):
   work_dir, data_root, _ = finished_pipeline
   again = subprocess.run(_pipeline_command(work_dir, data_root),

@@ -16,18 +16,22 @@ alpha 1.0.
 """
 
 import contextlib
+import threading
 from typing import Callable
 
 import keras
 import tensorflow as tf
 
-# The seed of the random activations in the pass being traced, if any.
-_noise_seed = None
+# The seed of the random activations in the pass being traced, if any. It
+# is kept per thread because MirroredStrategy traces each replica's pass in
+# its own thread. A shared value leaked one replica's graph tensor into
+# later traces.
+_state = threading.local()
 
 
 def current_noise_seed():
   """Return the seed of the enclosing `noise_seed` block, or None."""
-  return _noise_seed
+  return getattr(_state, "noise_seed", None)
 
 
 @contextlib.contextmanager
@@ -38,15 +42,15 @@ def noise_seed(seed):
   from `seed` (an int32 or int64 tensor of shape [2]) folded with the
   layer's own `noise_salt`, so a pass is reproducible from the seed alone:
   a resumed run draws what an uninterrupted run would. Outside any block the
-  draws are stateful (tf.random.uniform).
+  draws are stateful (tf.random.uniform). The block applies to the calling
+  thread only.
   """
-  global _noise_seed
-  previous = _noise_seed
-  _noise_seed = seed
+  previous = current_noise_seed()
+  _state.noise_seed = seed
   try:
     yield
   finally:
-    _noise_seed = previous
+    _state.noise_seed = previous
 
 
 class EdgeActivation(keras.layers.Layer):
@@ -166,11 +170,12 @@ class RReLU(EdgeActivation):
     x_edges = self._edge_major(negative)
     shape = tf.concat(
         [tf.shape(x)[:3], [self.num_edges, self.channels]], axis=0)
-    if _noise_seed is None:
+    seed_value = current_noise_seed()
+    if seed_value is None:
       slope = tf.random.uniform(shape, self.lower, self.upper, dtype=x.dtype)
     else:
       seed = tf.random.experimental.stateless_fold_in(
-          tf.cast(_noise_seed, tf.int64), self.noise_salt)
+          tf.cast(seed_value, tf.int64), self.noise_salt)
       slope = tf.random.stateless_uniform(shape, seed, self.lower,
                                           self.upper, dtype=x.dtype)
     y = self._edge_major(positive) + x_edges * slope
