@@ -218,6 +218,71 @@ def test_fit_with_warmup_trains_weights_first():
   assert _changed(before, alpha)
 
 
+class _UpdateRecorder(keras.callbacks.Callback):
+  """Record, for each step of fit, which variable groups it changed."""
+
+  def __init__(self, model):
+    super().__init__()
+    self.groups = _groups(model)
+    self.changed = {name: [] for name in self.groups}
+    self._before = {}
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._before = {name: _snapshot(variables)
+                    for name, variables in self.groups.items()}
+
+  def on_train_batch_end(self, batch, logs=None):
+    for name, variables in self.groups.items():
+      self.changed[name].append(_changed(self._before[name], variables))
+
+
+def _static_pairs(steps):
+  # A fixed batch shape, so fit reuses the pass the fixture already traced.
+  return tf.data.Dataset.from_tensors((_batch(20), _batch(21))).repeat(steps)
+
+
+@pytest.mark.slow
+def test_fit_updates_architecture_every_step_by_default(model):
+  recorder = _UpdateRecorder(model)
+  model.fit(_static_pairs(2), epochs=1, verbose=0, callbacks=[recorder])
+  assert recorder.changed["weights"] == [True, True]
+  assert recorder.changed["alpha"] == [True, True]
+  assert recorder.changed["beta"] == [True, True]
+
+
+@pytest.mark.slow
+def test_fit_updates_architecture_every_second_step(model):
+  start = int(model.weight_optimizer.iterations.numpy())
+  recorder = _UpdateRecorder(model)
+  model.arch_update_every = 2
+  try:
+    history = model.fit(_static_pairs(4), epochs=1, verbose=0,
+                        callbacks=[recorder])
+  finally:
+    model.arch_update_every = 1
+
+  expected = [(start + k) % 2 == 0 for k in range(4)]
+  assert recorder.changed["weights"] == [True] * 4
+  assert recorder.changed["alpha"] == expected
+  assert recorder.changed["beta"] == expected
+  # arch_loss averages the two steps that updated alpha, not all four.
+  assert int(model.arch_loss_tracker.count.numpy()) == 2
+  assert np.isfinite(history.history["arch_loss"][-1])
+
+
+def test_arch_updates_due_schedule(model):
+  scheduled = trainer.SearchModel(model.network, warmup_steps=3,
+                                  arch_update_every=2)
+  due = [scheduled.arch_updates_due(step) for step in range(8)]
+  assert due == [False, False, False, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, "2"])
+def test_invalid_arch_update_every_rejected(model, every):
+  with pytest.raises(ValueError, match=f"arch_update_every={every!r}"):
+    trainer.SearchModel(model.network, arch_update_every=every)
+
+
 @pytest.mark.slow
 def test_train_step_in_tf_function():
   model = _model(space=search_space.get_space("fixed:relu"))

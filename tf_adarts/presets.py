@@ -52,6 +52,7 @@ class SearchConfig:
   arch_beta_2: float = 0.999
   arch_weight_decay: float = 1e-3  # Coupled.
   arch_update: str = "sequential"  # sequential (tri-level) or joint.
+  arch_update_every: int = 1  # Weight steps per architecture update.
   warmup_epochs: int = 0  # Epochs that train only the weights.
 
   # Reproducibility.

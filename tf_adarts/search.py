@@ -230,7 +230,9 @@ def build_search_model(config, num_classes, steps_per_epoch,
       network, arch_update=config.arch_update,
       weight_decay=config.weight_decay,
       arch_weight_decay=config.arch_weight_decay, clip_norm=config.clip_norm,
-      frozen_beta=frozen_beta, seed=config.seed)
+      frozen_beta=frozen_beta,
+      warmup_steps=config.warmup_epochs * steps_per_epoch,
+      arch_update_every=config.arch_update_every, seed=config.seed)
 
   total_steps = max(1, steps_per_epoch * config.epochs)
   schedule = keras.optimizers.schedules.CosineDecay(
@@ -267,6 +269,10 @@ def _validate(config):
     raise SearchError(
         f"channels={config.channels} is not divisible by partial_channels="
         f"{config.partial_channels}.")
+  if config.arch_update_every < 1:
+    raise SearchError(
+        f"arch_update_every={config.arch_update_every}; give at least 1 "
+        "(1 updates the architecture after every weight step).")
   if (config.space.startswith(CONFIG_A_PREFIX)
       and config.arch_update == trainer.JOINT):
     logging.warning("Config-A freezes beta; arch_update=joint then updates "
@@ -514,22 +520,23 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
   }
   progress = _Progress(steps_per_epoch, total_steps, config.batch_size,
                        verbose)
-  warmup_steps = config.warmup_epochs * steps_per_epoch
-  train_function = None
+  # The step with and the step without the architecture updates (warm-up,
+  # arch_update_every > 1), each traced at its first call. A tf.cond would
+  # fail under MirroredStrategy, which cannot sum across replicas in a branch.
+  train_functions = {}
 
   step = start_step
   while step < total_steps:
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
-    enabled = step >= warmup_steps
-    if train_function is None or model.arch_updates_enabled != enabled:
-      # Warm-up traces the step without the architecture updates.
-      model.arch_updates_enabled = enabled
-      train_function = _make_train_function(model, strategy)
     model.reset_metrics()
     progress.epoch_begin(epoch, config.epochs, step_in_epoch)
 
     for step_in_epoch in range(step_in_epoch, steps_per_epoch):
-      logs = train_function(next(iterator))
+      enabled = model.arch_updates_due(step)
+      model.arch_updates_enabled = enabled
+      if enabled not in train_functions:
+        train_functions[enabled] = _make_train_function(model, strategy)
+      logs = train_functions[enabled](next(iterator))
       logs = {name: value.numpy() for name, value in logs.items()}
       if not np.isfinite(logs["loss"]) or (
           enabled and not np.isfinite(logs["arch_loss"])):
@@ -574,7 +581,9 @@ def _write_step_summaries(writers, model, logs, step):
       tf.summary.scalar(f"learning_rate/{name}",
                         float(keras.ops.convert_to_numpy(
                             optimizer.learning_rate)))
-  if "arch_loss" in logs and model.arch_updates_enabled:
+  # Skip the validation scalars until an architecture update has run since
+  # the metrics were reset, because the mean of no steps reads 0.
+  if "arch_loss" in logs and int(model.arch_loss_tracker.count.numpy()):
     with writers["val"].as_default(step=step):
       tf.summary.scalar("loss", logs["arch_loss"])
       tf.summary.scalar("accuracy", logs["arch_accuracy"])

@@ -11,6 +11,9 @@ updates, in this order:
 
 This is the first-order form. `arch_update="joint"` instead takes alpha and
 beta from one validation pass: cheaper, but not the method's ordering.
+`arch_update_every=N` runs the architecture updates only after every N-th
+weight step, another deviation from the method, which updates alpha and
+beta after every weight step.
 
 Weight decay is coupled, as in the PyTorch recipes the published results
 used: `decay * v` is added to the gradient before the update. (Keras 3's
@@ -100,6 +103,10 @@ class SearchModel(keras.Model):
       array} that fixes beta to the given raw values for the whole search
       (Config-A: activations taken from an earlier factorized search).
     warmup_steps: steps during which only the weights train.
+    arch_update_every: run the architecture updates only after the weight
+      steps whose 0-based index is a multiple of this (1, every step, is
+      the published method). `fit` and `search.run_search` apply it; a
+      custom loop sets `arch_updates_enabled` from `arch_updates_due`.
     seed: when set, the random activations (RReLU) of each pass draw from
       stateless ops seeded by (seed, step, pass, replica), so a resumed
       search repeats an uninterrupted one; None draws statefully.
@@ -111,18 +118,26 @@ class SearchModel(keras.Model):
 
   def __init__(self, network, arch_update=SEQUENTIAL, weight_decay=3e-4,
                arch_weight_decay=1e-3, clip_norm=5.0, frozen_beta=None,
-               warmup_steps=0, seed=None, name="search_model", **kwargs):
+               warmup_steps=0, arch_update_every=1, seed=None,
+               name="search_model", **kwargs):
     super().__init__(name=name, **kwargs)
     if arch_update not in (SEQUENTIAL, JOINT):
       raise ValueError(
           f"Unknown arch_update {arch_update!r}; use {SEQUENTIAL!r} or "
           f"{JOINT!r}.")
+    if (not isinstance(arch_update_every, (int, np.integer))
+        or isinstance(arch_update_every, bool) or arch_update_every < 1):
+      raise ValueError(
+          f"arch_update_every={arch_update_every!r} is invalid; give a "
+          "whole number of weight steps, at least 1 (1 updates the "
+          "architecture after every weight step).")
     self.network = network
     self.arch_update = arch_update
     self.weight_decay = weight_decay
     self.arch_weight_decay = arch_weight_decay
     self.clip_norm = clip_norm
     self.warmup_steps = int(warmup_steps)
+    self.arch_update_every = int(arch_update_every)
     self.seed = seed
     self.beta_frozen = frozen_beta is not None
     if frozen_beta is not None:
@@ -135,7 +150,8 @@ class SearchModel(keras.Model):
     self.arch_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(
         name="arch_accuracy")
     # Whether the traced train step includes the architecture updates;
-    # switched off during warm-up (see `fit`).
+    # switched off during warm-up and between every arch_update_every-th
+    # step (see `fit`).
     self.arch_updates_enabled = True
     self._traced_pass = None
     self.built = True
@@ -160,6 +176,18 @@ class SearchModel(keras.Model):
   def genotype(self):
     """Derive the genotype from the current alpha and beta."""
     return self.network.genotype()
+
+  def arch_updates_due(self, step):
+    """Return whether the architecture updates follow weight step `step`.
+
+    Args:
+      step: the 0-based index of the weight step, which is the weight
+        optimizer's `iterations` before that step.
+
+    Returns:
+      True past the warm-up on every `arch_update_every`-th step.
+    """
+    return step >= self.warmup_steps and step % self.arch_update_every == 0
 
   # Keras plumbing.
 
@@ -335,38 +363,59 @@ class SearchModel(keras.Model):
             "accuracy": self.accuracy_tracker.result()}
 
   def fit(self, *args, callbacks=None, **kwargs):
-    """keras.Model.fit, with the warm-up switch added to the callbacks."""
+    """keras.Model.fit, with the architecture schedule added to the
+    callbacks."""
     # The (train, val) streams are datasets that shuffle themselves; Keras's
     # default shuffle=True would only warn that it ignores them.
     kwargs.setdefault("shuffle", False)
-    callbacks = list(callbacks or [])
-    if self.warmup_steps:
-      callbacks.append(ArchitectureWarmup(self.warmup_steps))
+    # Added even without a warm-up and with arch_update_every=1, because an
+    # earlier fit may have left the variant without the updates in place.
+    callbacks = list(callbacks or []) + [ArchitectureSchedule()]
     return super().fit(*args, callbacks=callbacks, **kwargs)
 
 
-class ArchitectureWarmup(keras.callbacks.Callback):
-  """Train only the weights for the first `warmup_steps` steps.
+class ArchitectureSchedule(keras.callbacks.Callback):
+  """Switch the architecture updates on or off before each step of `fit`.
 
-  The train step is traced without the architecture updates while warming
-  up and traced again, once, when the warm-up ends.
+  They are off during the warm-up and after the weight steps that
+  `SearchModel.arch_updates_due` rejects. A `tf.cond` around the updates
+  would fail under MirroredStrategy, which cannot sum gradients across
+  replicas inside a conditional branch, so the train step is traced in two
+  variants instead, with and without the updates, each at most once per
+  `fit`, and the callback selects one before each step.
   """
 
-  def __init__(self, warmup_steps):
+  def __init__(self):
     super().__init__()
-    self.warmup_steps = warmup_steps
-
-  def _set(self, enabled):
-    if self.model.arch_updates_enabled != enabled:
-      self.model.arch_updates_enabled = enabled
-      self.model.make_train_function(force=True)
+    self._functions = {}
 
   def on_train_begin(self, logs=None):
-    step = int(self.model.weight_optimizer.iterations.numpy())
-    self._set(step >= self.warmup_steps)
+    model = self.model
+    if model.arch_update_every > 1 and model.steps_per_execution > 1:
+      raise ValueError(
+          f"arch_update_every={model.arch_update_every} needs "
+          f"steps_per_execution=1 in compile(), not "
+          f"{model.steps_per_execution}: the schedule switches the train "
+          "step between steps.")
+    # Keras made the train function before this call, for the flag in force.
+    self._functions = {model.arch_updates_enabled: model.train_function}
+    self._select()
 
   def on_train_batch_begin(self, batch, logs=None):
-    if not self.model.arch_updates_enabled:
-      step = int(self.model.weight_optimizer.iterations.numpy())
-      if step >= self.warmup_steps:
-        self._set(True)
+    self._select()
+
+  def _select(self):
+    model = self.model
+    step = int(model.weight_optimizer.iterations.numpy())
+    enabled = model.arch_updates_due(step)
+    if enabled == model.arch_updates_enabled:
+      return
+
+    # The functions trace lazily, at their first call, so the flag must be
+    # set before that call.
+    model.arch_updates_enabled = enabled
+    if enabled in self._functions:
+      model.train_function = self._functions[enabled]
+    else:
+      model.make_train_function(force=True)
+      self._functions[enabled] = model.train_function

@@ -69,6 +69,10 @@ _HELP = {
     "arch_weight_decay": "Coupled L2 weight decay of alpha and beta.",
     "arch_update": "sequential (weights, then alpha, then beta from a new "
                    "pass) or joint (alpha and beta from one pass).",
+    "arch_update_every": "Update alpha and beta only after every N-th "
+                         "weight step (N counts weight steps). 1, every "
+                         "step, is the published method; larger values "
+                         "are faster and deviate from it.",
     "warmup_epochs": "Epochs at the start that train only the weights.",
     "seed": "Seed of every random draw: initialization, split, data order, "
             "augmentation, RReLU slopes.",
