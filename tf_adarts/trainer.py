@@ -277,7 +277,7 @@ class SearchModel(keras.Model):
     return loss, logits, [gradients[position[id(v)]] for v in variables]
 
   def _synchronizes_across_replicas(self):
-    """Whether a pass all-reduces inside the network (synchronized BN).
+    """Return whether a pass all-reduces inside the network (sync BN).
 
     A cross-replica call cannot run inside a nested tf.function under
     MirroredStrategy, so such a network's pass is traced inline, once per
