@@ -13,6 +13,8 @@ The run directory describes itself:
   logs/train           TensorBoard: loss, top-1, top-5, learning rate, drop
                        path rate
   logs/test            TensorBoard: test loss, top-1, top-5 (optional)
+  logs/validation      TensorBoard: loss, top-1, top-5 on the held-out
+                       training examples (with validation_examples > 0)
   result.json          the final training metrics; written last
   eval.json            written by `evaluate_run`
 
@@ -50,6 +52,8 @@ RESULT_FILE = "result.json"
 EVAL_FILE = "eval.json"
 NETWORK_CLASSES = {"cifar": networks.NetworkCIFAR,
                    "imagenet": networks.NetworkImageNet}
+# Batch size of the test and held-out evaluations during training.
+_EVAL_BATCH_SIZE = 256
 
 
 class RetrainError(RuntimeError):
@@ -80,6 +84,9 @@ class RetrainConfig:
   augment: str = "cifar"  # cifar, imagenet or none.
   cutout: int = 16  # Side of the cutout square in pixels; 0 disables it.
   max_train_examples: Optional[int] = None  # Class-balanced subset size.
+  # Class-balanced train-split examples held out from training and
+  # evaluated as validation_* (0 holds out none).
+  validation_examples: int = 0
 
   # Optimization.
   epochs: int = 600
@@ -257,6 +264,10 @@ def _validate(config: RetrainConfig) -> None:
         f"label_smoothing={config.label_smoothing}; give a value in [0, 1).")
   if config.cutout < 0:
     raise RetrainError(f"cutout={config.cutout}; give 0 or more pixels.")
+  if config.validation_examples < 0:
+    raise RetrainError(
+        f"Invalid validation_examples={config.validation_examples}. Give the "
+        "number of train-split examples to hold out, or 0 for none.")
 
 
 def _check_run_directory(config, model_dir) -> bool:
@@ -583,11 +594,15 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
     verbose: 1 shows a progress bar, 0 logs a line every 30 s.
     summary_every_steps: TensorBoard scalars every this many steps.
     eval_every_epochs: evaluate on the test split every this many epochs
-      and after the last one, into logs/test; 0 never.
+      and after the last one, into logs/test; 0 never. The held-out
+      examples of config.validation_examples are evaluated at the same
+      epochs, or only after the last one when this is 0.
     before_start: called once the settings are accepted, before training.
 
   Returns:
-    A RetrainResult with the metrics of the last epoch.
+    A RetrainResult with the metrics of the last epoch; with
+    validation_examples > 0 they include validation_top1, validation_top5,
+    validation_loss and validation_examples of the held-out examples.
 
   Raises:
     RetrainError: on invalid settings, a run directory written with other
@@ -620,7 +635,8 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
         data_dir=config.data_dir, download=config.download,
         image_size=config.image_size, augment=config.augment,
         cutout_size=config.cutout,
-        max_train_examples=config.max_train_examples)
+        max_train_examples=config.max_train_examples,
+        validation_examples=config.validation_examples)
   except ValueError as error:
     raise RetrainError(str(error)) from None
   if data.steps_per_epoch < 1:
@@ -675,13 +691,29 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
   train_function = _make_train_function(step_fn, strategy)
   iterator = iter(strategy.experimental_distribute_dataset(
       data.train_stream(start_step)))
+  writer_names = ["train", "test"]
+  if data.validation_size:
+    writer_names.append("validation")
   writers = {name: tf.summary.create_file_writer(
-      os.path.join(model_dir, "logs", name)) for name in ("train", "test")}
+      os.path.join(model_dir, "logs", name)) for name in writer_names}
   progress = search._Progress(steps_per_epoch, total_steps,  # pylint: disable=protected-access
                               config.batch_size, verbose)
   eval_split = None
+  test_prefix = None
   if eval_every_epochs:
     eval_split = retrain_data.find_eval_split(data.source, "test")
+    test_prefix = eval_split
+    if data.validation_size and eval_split == "validation":
+      # The held-out examples own the validation_* metrics, so a dataset
+      # whose evaluation split is named "validation" reports it as test_*,
+      # as its TensorBoard directory logs/test does.
+      test_prefix = "test"
+      logging.info("The %r split is reported as test_* metrics; "
+                   "validation_* are the held-out training examples.",
+                   eval_split)
+  validation = None
+  if data.validation_size:
+    validation = data.validation_stream(_EVAL_BATCH_SIZE)
 
   step = start_step
   epoch_metrics = {}
@@ -730,14 +762,21 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
                            if k != "epoch"))
     last_epoch = epoch + 1 == config.epochs
     if eval_split and ((epoch + 1) % eval_every_epochs == 0 or last_epoch):
-      test = evaluate_network(network, data.eval_stream(eval_split, 256))
-      epoch_metrics.update({f"{eval_split}_{k}": v for k, v in test.items()})
-      with writers["test"].as_default(step=step):
-        for name in ("loss", "top1", "top5"):
-          tf.summary.scalar(name, test[name])
-      writers["test"].flush()
+      test = evaluate_network(network,
+                              data.eval_stream(eval_split, _EVAL_BATCH_SIZE))
+      epoch_metrics.update({f"{test_prefix}_{k}": v for k, v in test.items()})
+      _write_eval_summaries(writers["test"], test, step)
       logging.info("Epoch %d %s: top-1 %.4f, top-5 %.4f", epoch + 1,
                    eval_split, test["top1"], test["top5"])
+      if validation is not None:
+        epoch_metrics.update(_evaluate_validation(
+            network, validation, writers["validation"], step))
+
+  # Without eval_every_epochs, and in a resumed run that had trained every
+  # step already, the held-out examples are evaluated here, once.
+  if validation is not None and "validation_top1" not in epoch_metrics:
+    epoch_metrics.update(_evaluate_validation(
+        network, validation, writers["validation"], step))
 
   for writer in writers.values():
     writer.flush()
@@ -751,6 +790,23 @@ def run_retrain(config: RetrainConfig, model_dir: str, *,
                            json.dumps(metrics, indent=2, sort_keys=True) + "\n")
   logging.info("Retrain finished: %s", result_path)
   return RetrainResult(model_dir, step, resumed, False, metrics)
+
+
+def _write_eval_summaries(writer, metrics, step):
+  with writer.as_default(step=step):
+    for name in ("loss", "top1", "top5"):
+      tf.summary.scalar(name, metrics[name])
+  writer.flush()
+
+
+def _evaluate_validation(network, dataset, writer, step):
+  """Evaluate on the held-out examples; return their validation_* metrics."""
+  metrics = evaluate_network(network, dataset)
+  _write_eval_summaries(writer, metrics, step)
+  logging.info("Step %d, %d held-out examples: top-1 %.4f, top-5 %.4f, loss "
+               "%.4f", step, metrics["examples"], metrics["top1"],
+               metrics["top5"], metrics["loss"])
+  return {f"validation_{name}": value for name, value in metrics.items()}
 
 
 def _write_step_summaries(writer, step_metrics, optimizer, network, step):

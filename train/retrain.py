@@ -52,6 +52,12 @@ _HELP = {
     "cutout": "Side of the cutout square, in pixels; 0 disables cutout.",
     "max_train_examples": "Train on a class-balanced subset of this many "
                           "images; unset uses the whole training split.",
+    "validation_examples": "Hold out this many class-balanced images of the "
+                           "training split from training, and evaluate on "
+                           "them after the last epoch (and at each "
+                           "--eval_every_epochs evaluation): validation_* "
+                           "in result.json, TensorBoard logs/validation. 0 "
+                           "holds out none.",
     "epochs": "Training epochs (one epoch: one pass over the training "
               "images).",
     "batch_size": "Global batch size, in images.",
