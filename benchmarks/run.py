@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -32,8 +31,8 @@ from typing import Optional
 from absl import app
 from absl import flags
 
-# Defines the flags of startup_time (steps among them) and imports TF.
-from benchmarks import startup_time
+from benchmarks import machine
+from benchmarks import profiling
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,14 +41,11 @@ _QUICK = flags.DEFINE_bool(
     "Smoke check: reduced network sizes, 1 to 2 warm-up and 2 timed steps, "
     "no large search and no non-factorized search; the results are not "
     "comparable with the official figures.")
-# startup_time, imported above, defines --steps as well; this definition
-# replaces it, and startup_time's main never runs here.
 _STEPS = flags.DEFINE_integer(
     "steps", None,
     "Timed steps per workload after the warm-up, overriding each "
     "workload's count (default: 6 for the small searches, 4 for the C=16 "
-    "searches, 10 for the retraining step and inference; 2 with --quick).",
-    allow_override=True)
+    "searches, 10 for the retraining step and inference; 2 with --quick).")
 _ONLY = flags.DEFINE_list(
     "only", [],
     "Comma-separated workload names to run; default: all. A SavedModel "
@@ -65,6 +61,16 @@ _TIMEOUT = flags.DEFINE_integer(
     "workload_timeout", 900,
     "Seconds after which a workload's process is stopped and reported as "
     "timed out.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None,
+    "Also record TensorFlow profiler traces: after its timed steps, each "
+    "workload runs --profile_steps more under the profiler into "
+    "PROFILE_DIR/WORKLOAD (open it with TensorBoard's profile plugin), "
+    "and the report gains the costliest op types of each workload. The "
+    "profiled steps are not part of the step times. Default: no "
+    "profiling.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 2, "Steps recorded per workload with --profile_dir.")
 _WORKER_SPEC = flags.DEFINE_string(
     "worker_spec", None, "Internal: the JSON workload that this child "
     "process runs.")
@@ -249,6 +255,10 @@ def _run_search(spec, steps):
       edge_normalization=spec.edge_normalization,
       arch_update=spec.arch_update,
       arch_update_every=spec.arch_update_every)
+  # As run_search does: Grappler follows config.graph_optimizer (off by
+  # default). The child process runs this workload only.
+  tf.config.optimizer.set_experimental_options(
+      {"disable_meta_optimizer": not config.graph_optimizer})
   model = search.build_search_model(config, num_classes=10,
                                     steps_per_epoch=1000)
   built = time.perf_counter() - start
@@ -258,16 +268,21 @@ def _run_search(spec, steps):
   # As the search job does: one traced step with and one without the
   # architecture updates, chosen per step.
   functions = {}
+  trace_seconds = []
 
   def run_step(index):
     enabled = model.arch_updates_due(index)
     model.arch_updates_enabled = enabled
     if enabled not in functions:
       functions[enabled] = tf.function(model.train_step)
+      begin = time.perf_counter()
+      functions[enabled].get_concrete_function(data)
+      trace_seconds.append(time.perf_counter() - begin)
     return functions[enabled](data)["loss"].numpy()
 
   startup, times = _time_steps(run_step, steps, start)
-  return {"build_s": built, "startup_s": startup, "step_times_s": times}
+  return {"build_s": built, "startup_s": startup, "step_times_s": times,
+          "trace_s": trace_seconds[0]}, run_step
 
 
 def _retrain_network(spec):
@@ -295,12 +310,14 @@ def _run_retrain(spec, steps):
   train_function = tf.function(step.__call__)
   images, labels = _random_batch(tf, spec.batch_size, 1)
 
-  startup, times = _time_steps(
-      lambda index: train_function(images, labels)["loss"].numpy(), steps,
-      start)
+  def run_step(index):
+    del index  # Every step trains on the same batch.
+    return train_function(images, labels)["loss"].numpy()
+
+  startup, times = _time_steps(run_step, steps, start)
   return {"build_s": built, "startup_s": startup, "step_times_s": times,
           "params": int(sum(v.numpy().size
-                            for v in network.trainable_variables))}
+                            for v in network.trainable_variables))}, run_step
 
 
 _SERVING_META = {
@@ -321,7 +338,7 @@ def _run_export(spec, export_dir):
   module, signatures = export.build_serving_module(network, _SERVING_META)
   tf.saved_model.save(module, export_dir, signatures=signatures)
   return {"build_s": time.perf_counter() - start, "startup_s": None,
-          "step_times_s": []}
+          "step_times_s": []}, None
 
 
 def _run_infer_keras(spec, steps):
@@ -333,9 +350,13 @@ def _run_infer_keras(spec, steps):
   predict = tf.function(lambda images: network(images, training=False))
   images, _ = _random_batch(tf, spec.batch_size, 3)
 
-  startup, times = _time_steps(lambda index: predict(images).numpy(), steps,
-                               start)
-  return {"build_s": built, "startup_s": startup, "step_times_s": times}
+  def run_step(index):
+    del index  # Every batch is the same.
+    return predict(images).numpy()
+
+  startup, times = _time_steps(run_step, steps, start)
+  return {"build_s": built, "startup_s": startup,
+          "step_times_s": times}, run_step
 
 
 def _run_infer_saved_model(spec, steps, export_dir):
@@ -352,29 +373,44 @@ def _run_infer_saved_model(spec, steps, export_dir):
   input_name = export.SIGNATURE_INPUTS[export.IMAGES_SIGNATURE]
   images, _ = _random_batch(tf, spec.batch_size, 3, dtype="uint8")
 
-  startup, times = _time_steps(
-      lambda index: serve(**{input_name: images})["probabilities"].numpy(),
-      steps, start)
-  return {"build_s": built, "startup_s": startup, "step_times_s": times}
+  def run_step(index):
+    del index  # Every batch is the same.
+    return serve(**{input_name: images})["probabilities"].numpy()
+
+  startup, times = _time_steps(run_step, steps, start)
+  return {"build_s": built, "startup_s": startup,
+          "step_times_s": times}, run_step
 
 
 def _run_worker(spec_json, result_file):
   values = json.loads(spec_json)
   export_dir = values.pop("export_dir")
+  profile_dir = values.pop("profile_dir")
+  profile_steps = values.pop("profile_steps")
   spec = Workload(**values)
   steps = spec.warmup_steps + spec.timed_steps
   if spec.kind == SEARCH:
-    result = _run_search(spec, steps)
+    result, run_step = _run_search(spec, steps)
   elif spec.kind == RETRAIN:
-    result = _run_retrain(spec, steps)
+    result, run_step = _run_retrain(spec, steps)
   elif spec.kind == EXPORT:
-    result = _run_export(spec, export_dir)
+    result, run_step = _run_export(spec, export_dir)
   elif spec.kind == INFER_KERAS:
-    result = _run_infer_keras(spec, steps)
+    result, run_step = _run_infer_keras(spec, steps)
   elif spec.kind == INFER_SAVED_MODEL:
-    result = _run_infer_saved_model(spec, steps, export_dir)
+    result, run_step = _run_infer_saved_model(spec, steps, export_dir)
   else:
     raise ValueError(f"Unknown workload kind {spec.kind!r}.")
+
+  if profile_dir and run_step is not None:
+    # After the timed steps, so that the profiler's overhead stays out of
+    # the step times. The step indices continue, which keeps the
+    # arch_update_every pattern of the search.
+    profiling.profile_steps(run_step, profile_steps, profile_dir,
+                            first_index=steps)
+    result["profile"] = [
+        dataclasses.astuple(row)
+        for row in profiling.summarize_trace(profile_dir, profile_steps)]
   with open(result_file, "w", encoding="utf-8") as stream:
     json.dump(result, stream)
 
@@ -392,6 +428,8 @@ class Result:
   build_s: Optional[float] = None
   startup_s: Optional[float] = None
   step_s: Optional[float] = None  # Median, per step.
+  trace_s: Optional[float] = None  # Python tracing of a search's step.
+  profile: Optional[list] = None  # (op type, s per step, share) rows.
 
   @property
   def throughput(self):
@@ -420,12 +458,16 @@ def _median_step(spec, times):
   return (sums[middle - 1] + sums[middle]) / 2
 
 
-def _run_child(spec, export_dir, log_dir, timeout):
+def _run_child(spec, export_dir, log_dir, timeout, profile_dir=None,
+               profile_steps=2):
   """Run one workload in a fresh process; return its Result."""
   result_file = os.path.join(log_dir, f"{spec.name}.json")
   log_file = os.path.join(log_dir, f"{spec.name}.log")
   values = dataclasses.asdict(spec)
   values["export_dir"] = export_dir
+  values["profile_dir"] = (os.path.join(profile_dir, spec.name)
+                           if profile_dir else None)
+  values["profile_steps"] = profile_steps
   command = [sys.executable, "-m", "benchmarks.run",
              f"--worker_spec={json.dumps(values)}",
              f"--result_file={result_file}"]
@@ -451,7 +493,8 @@ def _run_child(spec, export_dir, log_dir, timeout):
     measured = json.load(stream)
   return Result(spec, "ok", wall, peak, measured["build_s"],
                 measured["startup_s"],
-                _median_step(spec, measured["step_times_s"]))
+                _median_step(spec, measured["step_times_s"]),
+                measured.get("trace_s"), measured.get("profile"))
 
 
 def _wait_with_timeout(process, timeout):
@@ -607,19 +650,22 @@ def _comparison_rows(results):
   return rows
 
 
-def _machine_line():
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  memory = ""
-  try:
-    with open("/proc/meminfo", encoding="utf-8") as meminfo:
-      kib = int(re.search(r"MemTotal:\s+(\d+)", meminfo.read()).group(1))
-    memory = f", {kib / 2**20:.0f} GiB"
-  except (OSError, AttributeError):
-    pass
-  return (f"{startup_time.cpu_model()}, {os.cpu_count()} cores{memory}. "
-          f"Python {platform.python_version()}, TensorFlow {tf.__version__}, "
-          f"Keras {keras.__version__}.")
+def _profile_lines(results):
+  """Return the per-workload tables of the costliest op types."""
+  lines = []
+  for result in results:
+    if not result.profile:
+      continue
+    lines += [f"`{result.workload.name}`"
+              + (f" (Python tracing of the first step: "
+                 f"{result.trace_s:.1f} s of the {result.startup_s:.1f} s "
+                 "start-up)" if result.trace_s else "") + ":", "",
+              "| op type | kernel time per step | share |",
+              "|---|---|---|"]
+    lines += [f"| {op_type} | {_seconds(seconds)} | {100 * share:.1f}% |"
+              for op_type, seconds, share in result.profile]
+    lines.append("")
+  return lines
 
 
 def render(results, command, quick, total_s):
@@ -637,7 +683,7 @@ def render(results, command, quick, total_s):
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
       f"in {total_s / 60:.1f} min.",
       "",
-      f"Machine: {_machine_line()}",
+      f"Machine: {machine.describe()}",
       "",
       f"Steps per workload: {counts}. A step time is the median over the "
       "timed steps (with arch_update_every=2, over pairs of steps, "
@@ -672,6 +718,13 @@ def render(results, command, quick, total_s):
   targets = [] if quick else _target_rows(results)
   if targets:
     lines += ["| target | measured | status |", "|---|---|---|", *targets, ""]
+
+  profiles = _profile_lines(results)
+  if profiles:
+    lines += ["Where the time goes: kernel time per op type, summed over "
+              "threads, from TensorFlow profiler traces of "
+              f"{_PROFILE_STEPS.value} extra steps per workload "
+              "(`--profile_dir`).", "", *profiles]
 
   lines.append(SECTION_END)
   return "\n".join(lines) + "\n"
@@ -724,6 +777,12 @@ def main(argv):
   selected = _select(workloads(_QUICK.value), _ONLY.value, _STEPS.value)
   command = " ".join(["python -m benchmarks.run",
                       *(shlex.quote(a) for a in sys.argv[1:])])
+  if _PROFILE_STEPS.value < 1:
+    raise app.UsageError(
+        f"--profile_steps={_PROFILE_STEPS.value}; give at least 1 step.")
+  # Children run in the repository root.
+  profile_dir = (os.path.abspath(_PROFILE_DIR.value) if _PROFILE_DIR.value
+                 else None)
   begin = time.perf_counter()
   results = []
   with tempfile.TemporaryDirectory(prefix="tf_adarts_bench_") as work_dir:
@@ -731,7 +790,8 @@ def main(argv):
     for spec in selected:
       print(f"[{time.strftime('%H:%M:%S')}] {spec.name}: {spec.description}",
             flush=True)
-      result = _run_child(spec, export_dir, work_dir, _TIMEOUT.value)
+      result = _run_child(spec, export_dir, work_dir, _TIMEOUT.value,
+                          profile_dir, _PROFILE_STEPS.value)
       print(f"  {result.status}; start-up {_seconds(result.startup_s)}, "
             f"step {_seconds(result.step_s)}, peak "
             f"{_number(result.peak_memory_gb, 2)} GB, wall "

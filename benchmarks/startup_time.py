@@ -10,7 +10,6 @@ dominate the first number.
 """
 
 import os
-import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,6 +19,7 @@ from absl import flags
 import keras
 import tensorflow as tf
 
+from tf_adarts import hardware
 from tf_adarts import search_space
 from tf_adarts import supernet
 from tf_adarts import trainer
@@ -33,18 +33,6 @@ _SPACE = flags.DEFINE_string(
     "Search space: factorized, non_factorized or fixed:ACTIVATION.")
 _STEPS = flags.DEFINE_integer(
     "steps", 4, "Steps to run; the ones after the first give the step time.")
-
-
-def cpu_model():
-  """Return the CPU model name from /proc/cpuinfo, or the platform name."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-      for line in cpuinfo:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def main(argv):
@@ -73,7 +61,7 @@ def main(argv):
   first = step_ends[0] - start
   later = ((step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
            if len(step_ends) > 1 else float("nan"))
-  print(f"machine: {cpu_model()}, "
+  print(f"machine: {hardware.cpu_model()}, "
         f"{os.cpu_count()} cores; TensorFlow {tf.__version__}, "
         f"Keras {keras.__version__}")
   print(f"supernet C={_CHANNELS.value}, {_LAYERS.value} cells, "

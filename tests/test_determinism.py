@@ -77,3 +77,18 @@ def test_deterministic_step_repeats_exactly():
                                 "beta_normal", "beta_reduce"}
   for name, value in first["arch"].items():
     assert value == second["arch"][name], f"{name} differs between processes"
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_graph_optimizer_block_restores_setting(enabled):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tf_adarts import determinism  # pylint: disable=g-import-not-at-top
+
+  def grappler_disabled():
+    return bool(tf.config.optimizer.get_experimental_options().get(
+        "disable_meta_optimizer", False))
+
+  before = grappler_disabled()
+  with determinism.graph_optimizer(enabled):
+    assert grappler_disabled() == (not enabled)
+  assert grappler_disabled() == before

