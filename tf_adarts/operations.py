@@ -221,10 +221,10 @@ def conv_padding(kernel_size, stride):
   """Return the tf.nn.conv2d padding of (kernel_size - 1) // 2 on each side.
 
   "VALID" and "SAME" are used where they pad as much: a 1x1 kernel, or an
-  odd kernel at stride 1. TensorFlow 2.21 ran the
-  gradients of convolutions with explicit padding on its plain CPU kernels
-  instead of oneDNN's; in the DARTS_V2 retraining step those took about
-  a sixth of the kernel time.
+  odd kernel at stride 1. TensorFlow 2.21 ran the gradients of
+  convolutions with explicit padding on its plain CPU kernels, not
+  oneDNN's. In the DARTS_V2 retraining step those gradients took about a
+  sixth of the kernel time.
   """
   pad = (kernel_size - 1) // 2
   if kernel_size == 1:
