@@ -1,7 +1,8 @@
 """Where a step's time goes: TensorFlow profiler traces summed by op type.
 
 `profile_steps` records a few steps with `tf.profiler.experimental` into a
-log directory that TensorBoard's profile plugin opens as it is.
+log directory that TensorBoard opens as it is, with the
+tensorboard-plugin-profile package installed.
 `summarize_trace` reads the recorded XPlane file back and sums the time of
 the executed kernels per op type, so a report can show which kernels
 dominate without opening TensorBoard.

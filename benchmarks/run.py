@@ -65,8 +65,8 @@ _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None,
     "Also record TensorFlow profiler traces: after its timed steps, each "
     "workload runs --profile_steps more under the profiler into "
-    "PROFILE_DIR/WORKLOAD (open it with TensorBoard's profile plugin), "
-    "and the report gains the costliest op types of each workload. The "
+    "PROFILE_DIR/WORKLOAD (TensorBoard opens it with "
+    "tensorboard-plugin-profile), and the report gains the costliest op types of each workload. The "
     "profiled steps are not part of the step times. Default: no "
     "profiling.")
 _PROFILE_STEPS = flags.DEFINE_integer(
@@ -801,6 +801,10 @@ def main(argv):
   section = render(results, command, _QUICK.value,
                    time.perf_counter() - begin)
   print(section)
+  if profile_dir:
+    print(f"Profiler traces: {profile_dir}/WORKLOAD/plugins/profile; open "
+          f"them with `tensorboard --logdir={profile_dir}` and the "
+          "tensorboard-plugin-profile package.")
   if not _NO_WRITE.value:
     write_section(_OUTPUT.value, section)
     print(f"Wrote the section to {_OUTPUT.value}.")

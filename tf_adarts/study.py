@@ -21,10 +21,10 @@ The project directory (`project_dir`):
 
   study.json                  the resolved settings; a rerun must match them
   STUDY/                      keras-tuner's state: oracle.json, tuner0.json,
-                              trial_NNNN/trial.json
+                              trial_ID/trial.json
   runs/CONFIGURATION/seed_S/  ablation: search/, retrain/, search_cost.json,
                               trial_record.json
-  runs/STUDY/trial_NNNN/      random_search and retrain_hparams: retrain/,
+  runs/STUDY/trial_ID/      random_search and retrain_hparams: retrain/,
                               trial_record.json (and genotype.json)
   trials.csv                  one row per finished trial
   results.md, results.csv     the table: one row per configuration (ablation)

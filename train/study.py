@@ -219,7 +219,10 @@ def main(argv):
   try:
     settings = resolve_settings()
   except study.StudyError as error:
-    raise app.UsageError(str(error)) from None
+    # The message names the value and the valid ones; the flag list that
+    # a UsageError prints first would bury it.
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
   project_dir = _PROJECT_DIR.value
   try:
