@@ -1,4 +1,4 @@
-"""Where a step's time goes: TensorFlow profiler traces summed by op type.
+"""Kernel time per op type, read from TensorFlow profiler traces.
 
 `profile_steps` records a few steps with `tf.profiler.experimental` into a
 log directory that TensorBoard opens as it is, with the

@@ -61,7 +61,7 @@ def _write_records(path, files, labels):
 def train_records(small_cifar, tmp_path_factory):
   """The folder as TFRecords: train-* in the folder's index order.
 
-  validation-* holds every other test image (10), so that the dataset's
+  validation-* contains every other test image (10), so that the dataset's
   evaluation split is named "validation".
   """
   source = data_lib.load_source(f"folder:{small_cifar}")
